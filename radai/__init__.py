@@ -1,0 +1,3 @@
+"""radai: radiology AI inference server."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,69 @@
+"""Prometheus metrics. Prefix `radai_`, latencies in seconds, labels bounded (never a UID or patient value)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+# One histogram per pipeline stage, each the time spent since the previous stage:
+# received (first instance -> last instance), complete (last instance -> study declared complete),
+# queued (complete -> job queued), inferred (queued -> inference done), encoded, delivered.
+STAGES = ("received", "complete", "queued", "inferred", "encoded", "delivered")
+
+STAGE_SECONDS = Histogram(
+    "radai_stage_seconds",
+    "Time spent in each pipeline stage, per job (since the previous stage)",
+    ["stage", "model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+STUDY_SECONDS = Histogram(
+    "radai_study_seconds",
+    "Time from the first instance received to the destination acknowledging the last result",
+    ["model", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INSTANCES_RECEIVED = Counter(
+    "radai_instances_received_total",
+    "C-STORE requests answered, by outcome",
+    ["outcome"],
+    registry=REGISTRY,
+)
+JOBS = Counter("radai_jobs_total", "Jobs finished, by model and outcome", ["model", "outcome"], registry=REGISTRY)
+BATCH_SIZE = Histogram(
+    "radai_scheduler_batch_size",
+    "Patches per inference batch",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+    registry=REGISTRY,
+)
+BATCH_JOBS = Histogram(
+    "radai_scheduler_batch_jobs",
+    "Distinct jobs whose patches share one inference batch",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16),
+    registry=REGISTRY,
+)
+BATCH_SECONDS = Histogram(
+    "radai_scheduler_batch_seconds",
+    "Time the runtime takes for one batch",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+BATCH_WAIT_SECONDS = Histogram(
+    "radai_scheduler_wait_seconds",
+    "Time the oldest patch of a batch waited in the queue",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+QUEUE_DEPTH = Gauge("radai_scheduler_queue_depth", "Patches waiting for a batch", ["model"], registry=REGISTRY)
+DELIVERIES = Counter(
+    "radai_deliveries_total", "Result deliveries, by destination and outcome", ["destination", "outcome"],
+    registry=REGISTRY,
+)
