@@ -1,0 +1,32 @@
+# Two commands on a fresh Debian machine with Python 3.11:
+#   make run   - set up and run the server on embedded defaults with the bundled models
+#   make test  - set up and run the whole test suite (and the type, lint and architecture checks)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run demo test check
+
+$(BIN)/radai: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# constraints.txt pins torch to the CPU build available locally; CUDA machines may drop it.
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $(BIN)/radai
+
+setup: $(BIN)/radai
+
+run: setup
+	$(BIN)/radai serve
+
+demo: setup
+	$(BIN)/radai demo
+
+check: setup
+	$(BIN)/ruff check radai dicom_router model_zoo tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test: setup
+	bash scripts/system-packages.sh
+	$(MAKE) check
+	$(BIN)/python -m pytest -q

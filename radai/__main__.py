@@ -1,0 +1,3 @@
+from radai.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""HTTP API (FastAPI): health, Prometheus metrics, models and studies. OpenAPI at /docs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+import radai
+from radai.errors import NotFoundError
+from radai.metrics import REGISTRY
+from radai.models.registry import ModelPackage
+from radai.ports import JobStore
+
+ReadinessCheck = Callable[[], dict[str, bool]]
+
+
+def _model_view(pkg: ModelPackage) -> dict[str, Any]:
+    c = pkg.card
+    return {
+        "id": c.id, "version": c.version, "name": c.name, "task": c.task, "kind": c.kind,
+        "modality": c.modality, "body_part": c.body_part, "labels": [lab.name for lab in c.labels],
+        "intended_use": c.intended_use, "not_for_clinical_use": c.not_for_clinical_use,
+    }
+
+
+def create_api(store: JobStore, models: Sequence[ModelPackage], readiness: ReadinessCheck) -> FastAPI:
+    api = FastAPI(title="radai", version=radai.__version__, description="Radiology AI inference server")
+
+    @api.get("/livez")
+    def livez() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @api.get("/readyz")
+    def readyz(response: Response) -> dict[str, Any]:
+        checks = readiness()
+        ready = all(checks.values())
+        response.status_code = 200 if ready else 503
+        return {"ready": ready, "checks": checks}
+
+    @api.get("/metrics")
+    def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/api/v1/models")
+    def list_models() -> list[dict[str, Any]]:
+        return [_model_view(p) for p in models]
+
+    @api.get("/api/v1/studies")
+    def list_studies(limit: int = 100) -> list[dict[str, Any]]:
+        return [asdict(s) for s in store.list_studies(limit=min(max(limit, 1), 1000))]
+
+    @api.get("/api/v1/studies/{study_uid}")
+    def get_study(study_uid: str) -> dict[str, Any]:
+        try:
+            return asdict(store.get_study(study_uid))
+        except NotFoundError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from exc
+
+    return api

@@ -1,0 +1,129 @@
+"""Composition root: builds the server from settings and starts/stops it in order.
+
+Start-up order: store -> models (each validated with its reference check) -> schedulers -> workflow ->
+DICOM receiver -> HTTP. Shutdown in reverse, draining: the receiver stops taking studies, running jobs
+finish, schedulers resolve every pending patch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from dicom_router.receiver import Receiver
+from radai.config import Settings
+from radai.errors import ConfigError, ModelPackageError, RadaiError
+from radai.models.registry import ModelPackage, RunnerFactory, discover, reference_check
+from radai.ports import ModelRunner
+from radai.runtime import create_runner
+from radai.scheduling.loop import BatchRecord, Scheduler
+from radai.senders import DicomSender
+from radai.storage.sqlite import SqliteJobStore
+from radai.workflow import ModelSlot, Workflow
+
+log = logging.getLogger(__name__)
+
+
+def make_runner_factory(device: str) -> RunnerFactory:
+    def factory(backend: str, path: Path, channels: int) -> ModelRunner:
+        return create_runner(backend, path, output_channels=channels, device=device)
+
+    return factory
+
+
+def load_models(settings: Settings) -> list[ModelPackage]:
+    packages = discover(settings.models.search_paths(), settings.models.enabled)
+    if not packages:
+        raise ConfigError("no valid model package found (models.paths: "
+                          f"{', '.join(str(p) for p in settings.models.search_paths()) or 'none'})")
+    return packages
+
+
+class Server:
+    """The radai process: receiver, workflow, schedulers and store, built from settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = SqliteJobStore(settings.storage.database)
+        self.models = load_models(settings)
+        self._schedulers: dict[str, Scheduler] = {}
+        slots: dict[str, ModelSlot] = {}
+        factory = make_runner_factory(settings.scheduler.device)
+        for pkg in self.models:
+            try:
+                reference_check(pkg, factory)
+            except (ModelPackageError, RadaiError) as exc:
+                raise ConfigError(f"model {pkg.key} failed validation: {exc}") from exc
+            runner = create_runner(
+                pkg.card.runtime.backend, pkg.weights, output_channels=pkg.card.output.channels,
+                device=settings.scheduler.device,
+            )
+            scheduler = Scheduler(
+                pkg.card.id, runner, pkg.card.runtime.max_batch, settings.scheduler.max_wait_seconds,
+                on_batch=self._on_batch,
+            )
+            self._schedulers[pkg.key] = scheduler
+            slots[pkg.key] = ModelSlot(package=pkg, inferer=scheduler)
+        senders = [DicomSender(d, settings.dicom.ae_title) for d in settings.destinations]
+        if not senders:
+            log.warning("no destinations configured: results will be computed but not sent anywhere")
+        self.workflow = Workflow(
+            slots, senders, self.store, workers=settings.scheduler.job_workers,
+            release_instances=self._release,
+        )
+        self.receiver = Receiver(
+            settings.dicom.ae_title, settings.dicom.host, settings.dicom.port, settings.storage.spool_dir,
+            settings.completion.study_quiet_seconds, self.workflow.on_study_complete,
+        )
+
+    def _on_batch(self, record: BatchRecord) -> None:
+        self.store.record_batch(record.job_ids)
+
+    def _release(self, paths: Sequence[Path]) -> None:
+        for p in paths:
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove a spooled instance: %s", exc.strerror)
+
+    def readiness(self) -> dict[str, bool]:
+        spool = self.settings.storage.spool_dir
+        return {
+            "spool_writable": spool.is_dir() and os.access(spool, os.W_OK),
+            "database": self.store.ping(),
+            "models_loaded": bool(self._schedulers),
+            "disk_free": shutil.disk_usage(spool if spool.is_dir() else Path.cwd()).free > 100 * 1024 * 1024,
+        }
+
+    def start(self) -> None:
+        self.settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
+        for s in self._schedulers.values():
+            s.start()
+        self.receiver.start()
+        log.info("radai listening as %s on %s:%d; models: %s", self.settings.dicom.ae_title,
+                 self.settings.dicom.host, self.receiver.port, ", ".join(p.key for p in self.models))
+
+    def stop(self) -> None:
+        self.receiver.stop()
+        self.workflow.close()
+        for s in self._schedulers.values():
+            s.stop()
+        self.store.close()
+
+
+def serve(settings: Settings) -> None:
+    """Run until interrupted: DICOM receiver and HTTP API in one process."""
+    import uvicorn
+
+    from radai.api.app import create_api
+
+    server = Server(settings)
+    server.start()
+    try:
+        api = create_api(server.store, server.models, server.readiness)
+        uvicorn.run(api, host=settings.api.host, port=settings.api.port, log_level="warning")
+    finally:
+        server.stop()

@@ -1,0 +1,81 @@
+"""Domain values shared by every layer: jobs, their states and the pipeline stages they pass."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Stage(StrEnum):
+    """Pipeline stages in order; each job records the time it reached each one."""
+
+    RECEIVED = "received"  # last instance of the study received
+    COMPLETE = "complete"  # study declared complete
+    QUEUED = "queued"
+    INFERRED = "inferred"
+    ENCODED = "encoded"
+    DELIVERED = "delivered"
+
+
+class JobState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class StudyState(StrEnum):
+    COMPLETE = "complete"  # assembled, jobs being created
+    PROCESSING = "processing"
+    DONE = "done"  # every job delivered
+    FAILED = "failed"  # at least one job failed
+    NO_MATCH = "no-match"  # no model accepted any series
+
+
+def hashed(uid: str) -> str:
+    """A short, stable, non-reversible token for a UID, for logs (never log the UID itself)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:12]
+
+
+def job_id_for(study_uid: str, series_uid: str, model_key: str) -> str:
+    """Deterministic job id: the same study, series and model always give the same job (no duplicates)."""
+    return hashlib.sha256(f"{study_uid}|{series_uid}|{model_key}".encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    job_id: str
+    study_uid: str
+    series_uid: str
+    model_key: str  # id@version
+    first_received: float
+    last_received: float
+    completed_at: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    study_uid: str
+    series_uid: str
+    model_key: str
+    state: JobState
+    reason: str
+    stages: dict[str, float] = field(default_factory=dict)
+    batches: int = 0
+    shared_batches: int = 0  # batches that also held patches of other jobs
+    outputs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StudyRecord:
+    study_uid: str
+    state: StudyState
+    calling_ae: str
+    instances: int
+    series: int
+    first_received: float
+    last_received: float
+    completed_at: float
+    jobs: tuple[JobRecord, ...] = ()

@@ -1,0 +1,60 @@
+"""Runtime backends by name. Each backend's module (and its heavy package) is imported only when used."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+from radai.errors import InferenceError
+from radai.ports import ModelRunner
+
+
+def _onnx(model_path: Path, output_channels: int | None, device: str) -> ModelRunner:
+    from radai.runtime.onnx import OnnxRunner
+
+    return OnnxRunner(model_path, device=device, output_channels=output_channels)
+
+
+def _fake(model_path: Path, output_channels: int | None, device: str) -> ModelRunner:
+    from radai.runtime.fake import FakeRunner
+
+    return FakeRunner(output_channels if output_channels is not None else 2)
+
+
+_Factory = Callable[[Path, "int | None", str], ModelRunner]
+
+# name -> (factory, third-party package the backend needs, or None)
+_BACKENDS: dict[str, tuple[_Factory, str | None]] = {
+    "onnx": (_onnx, "onnxruntime"),
+    "fake": (_fake, None),
+}
+
+
+def known_backends() -> list[str]:
+    """Every registered backend name."""
+    return sorted(_BACKENDS)
+
+
+def available_backends() -> list[str]:
+    """Registered backends whose package is installed here (checked without importing it)."""
+    return [
+        name
+        for name, (_, package) in sorted(_BACKENDS.items())
+        if package is None or importlib.util.find_spec(package) is not None
+    ]
+
+
+def create_runner(
+    backend: str, model_path: Path, *, output_channels: int | None = None, device: str = "auto"
+) -> ModelRunner:
+    """Build the runner for `backend`; every failure (unknown name, missing package, bad model) raises
+    radai.errors.InferenceError here, at creation, never mid-job."""
+    entry = _BACKENDS.get(backend)
+    if entry is None:
+        raise InferenceError(f"unknown runtime backend {backend!r} (known: {', '.join(known_backends())})")
+    factory, _ = entry
+    return factory(model_path, output_channels, device)
+
+
+__all__ = ["available_backends", "create_runner", "known_backends"]

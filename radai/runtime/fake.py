@@ -1,0 +1,60 @@
+"""A deterministic stand-in for a model on a GPU, for tests and demos without weights.
+
+Scores are a one-hot of the input intensity (mean over input channels) quantised into `output_channels`
+equal bins of [0, 1]: with two channels, class 1 where x >= 0.5. The function is voxel-wise, so sliding-window
+stitching reproduces it exactly. Non-finite inputs give NaN scores, as a real network would.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+class FakeRunner:
+    """Implements radai.ports.ModelRunner without a model file."""
+
+    def __init__(
+        self,
+        output_channels: int = 2,
+        *,
+        delay_s: float = 0.0,
+        poison: float | None = None,
+    ) -> None:
+        """`delay_s` sleeps in every run (a slow GPU); a batch containing the value `poison` raises."""
+        if output_channels < 1:
+            raise ValueError(f"output_channels must be >= 1, got {output_channels}")
+        self.output_channels = output_channels
+        self.delay_s = delay_s
+        self.poison = poison
+        self.calls: list[int] = []  # batch size of every run, in call order
+        self.closed = False
+        self._lock = threading.Lock()
+
+    def expected(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        """The scores `run` returns for `batch` (the reference for tests)."""
+        x = np.asarray(batch, dtype=np.float32).mean(axis=1)
+        finite = np.isfinite(x)
+        k = self.output_channels
+        labels = np.clip(np.floor(np.where(finite, x, 0.0) * k), 0, k - 1).astype(np.int64)
+        scores = (labels[:, None] == np.arange(k).reshape((1, k) + (1,) * (x.ndim - 1))).astype(np.float32)
+        return np.where(finite[:, None], scores, np.float32(np.nan)).astype(np.float32)
+
+    def run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
+        if self.closed:
+            raise RuntimeError("fake runner is closed")
+        if batch.ndim < 3:
+            raise ValueError(f"fake runner expects (N, C, *spatial), got shape {batch.shape}")
+        with self._lock:
+            self.calls.append(int(batch.shape[0]))
+        if self.delay_s > 0:
+            time.sleep(self.delay_s)
+        if self.poison is not None and bool(np.any(batch == self.poison)):
+            raise RuntimeError("fake runner: poisoned input")
+        return self.expected(batch)
+
+    def close(self) -> None:
+        self.closed = True

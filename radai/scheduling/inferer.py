@@ -1,0 +1,60 @@
+"""Sliding-window inference over one volume with MONAI, for any numpy predictor.
+
+MONAI's inferer takes any callable, so the windowing, padding and blending are MONAI's and the predictor can
+be anything: the scheduler (`lambda p: scheduler.infer(job_id, p)`), an ONNX session, a fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from numpy.typing import NDArray
+
+from radai.models.manifest import InputSpec
+
+Predict = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+
+
+def _as_predictor(predict: Predict) -> Callable[[torch.Tensor], torch.Tensor]:
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        patches = np.ascontiguousarray(windows.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(predict(patches), dtype=np.float32))
+
+    return predictor
+
+
+def sliding_window(
+    image: NDArray[np.float32],
+    spec: InputSpec,
+    predict: Predict,
+    sw_batch_size: int,
+) -> NDArray[np.float32]:
+    """Score a (C, X, Y, Z) volume -> (K, X, Y, Z), windows of `spec.patch_size` blended by `spec.blend`.
+
+    `predict` gets (n <= sw_batch_size, C, *patch_size) float32 and returns (n, K, *patch_size) float32.
+    Volumes smaller than a patch are padded with `spec.pad_value` and cropped back.
+    """
+    if image.ndim != 4 or image.shape[0] != spec.channels:
+        raise ValueError(f"image must be ({spec.channels}, X, Y, Z), got shape {image.shape}")
+    if sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    with torch.inference_mode():
+        out = sliding_window_inference(
+            volume,
+            roi_size=spec.patch_size,
+            sw_batch_size=sw_batch_size,
+            predictor=_as_predictor(predict),
+            overlap=spec.overlap,
+            mode=spec.blend,
+            cval=spec.pad_value,
+            padding_mode="constant",
+            sw_device="cpu",
+            device="cpu",
+        )
+    if not isinstance(out, torch.Tensor):  # only for predictors returning tuples or dicts
+        raise TypeError(f"predict must return one array, MONAI gave {type(out).__name__}")
+    return np.ascontiguousarray(torch.as_tensor(out)[0].numpy(), dtype=np.float32)

@@ -1,0 +1,291 @@
+"""Scheduler loop: one worker thread per model pools the patches of every active job into batches.
+
+Job threads call `Scheduler.infer` (blocking); the worker asks `BatchPolicy` when a batch is due, runs it on
+the model's `ModelRunner` and hands each job its own rows back. Every call is resolved exactly once: with
+its scores, or with `InferenceError` (runner failure, bad output, cancellation, shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from radai import metrics
+from radai.errors import InferenceError
+from radai.ports import ModelRunner
+from radai.scheduling.policy import Batch, BatchPolicy, PatchRef
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """What one executed batch looked like (passed to `on_batch`)."""
+
+    model: str
+    size: int
+    job_ids: tuple[str, ...]
+    waited_s: float  # how long the oldest patch in the batch waited in the queue
+    run_s: float  # time inside the runner
+    failed: bool = False  # the runner raised or returned an unusable shape
+
+
+class _Call:
+    """One `infer` call: resolved once, with every row filled or with the first error."""
+
+    def __init__(self, job_id: str, n: int, spatial: tuple[int, ...]) -> None:
+        self.job_id = job_id
+        self._n = n
+        self._spatial = spatial
+        self._remaining = n
+        self._out: NDArray[np.float32] | None = None
+        self._error: str | None = None
+        self._cause: BaseException | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def fill(self, rows: Sequence[int], scores: NDArray[np.float32]) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            if self._out is None:
+                self._out = np.empty((self._n, scores.shape[1], *self._spatial), dtype=np.float32)
+            elif self._out.shape[1] != scores.shape[1]:
+                self._resolve_error(
+                    f"model returned {scores.shape[1]} channels, earlier batches {self._out.shape[1]}", None
+                )
+                return
+            self._out[list(rows)] = scores
+            self._remaining -= len(rows)
+            if self._remaining == 0:
+                self._done.set()
+
+    def fail(self, message: str, cause: BaseException | None) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._resolve_error(message, cause)
+
+    def _resolve_error(self, message: str, cause: BaseException | None) -> None:
+        self._error, self._cause, self._out = message, cause, None
+        self._done.set()
+
+    def wait(self) -> NDArray[np.float32]:
+        self._done.wait()
+        if self._error is not None:
+            raise InferenceError(self._error) from self._cause
+        if self._out is None:  # unreachable: done without error means every row was filled
+            raise InferenceError("internal error: call resolved without scores")
+        return self._out
+
+
+_Work = tuple[_Call, int, NDArray[np.float32]]  # (call, row in the call, patch)
+
+
+class Scheduler:
+    """Pools sliding-window patches of all active jobs of one model into batches on one worker thread."""
+
+    def __init__(
+        self,
+        model: str,
+        runner: ModelRunner,
+        max_batch: int,
+        max_wait_s: float,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.model = model
+        self._runner = runner
+        self._policy = BatchPolicy(max_batch, max_wait_s)
+        self._on_batch = on_batch
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._pending: dict[PatchRef, _Work] = {}
+        self._next_index = 0
+        self._state = "new"  # new -> running -> stopped
+        self._thread: threading.Thread | None = None
+        self._inflight: tuple[_Call, ...] = ()
+        self._m_size = metrics.BATCH_SIZE.labels(model=model)
+        self._m_jobs = metrics.BATCH_JOBS.labels(model=model)
+        self._m_run = metrics.BATCH_SECONDS.labels(model=model)
+        self._m_wait = metrics.BATCH_WAIT_SECONDS.labels(model=model)
+        self._m_depth = metrics.QUEUE_DEPTH.labels(model=model)
+
+    @property
+    def depth(self) -> int:
+        """Patches queued, not yet in a batch."""
+        with self._cond:
+            return self._policy.depth
+
+    def start(self) -> None:
+        """Start the worker thread (daemon, named after the model)."""
+        with self._cond:
+            if self._state != "new":
+                raise RuntimeError(f"scheduler for model {self.model} was already started")
+            self._state = "running"
+            self._thread = threading.Thread(target=self._serve, name=f"radai-scheduler-{self.model}", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Fail every queued call with InferenceError, let the running batch finish (up to `timeout_s`,
+        after which its callers fail too) and end the worker. The runner is not closed: its owner does."""
+        with self._cond:
+            if self._state == "stopped":
+                return
+            self._state = "stopped"
+            queued = dict.fromkeys(call for call, _, _ in self._pending.values())
+            for job_id in {ref.job_id for ref in self._pending}:
+                self._policy.cancel(job_id)
+            self._pending.clear()
+            self._m_depth.set(0)
+            self._cond.notify_all()
+        for call in queued:
+            call.fail(f"scheduler for model {self.model} stopped before the patches ran", None)
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
+            if thread.is_alive():
+                log.warning("model %s: batch still running after %.1f s at stop", self.model, timeout_s)
+        with self._cond:
+            inflight = self._inflight
+        for call in inflight:
+            call.fail(f"scheduler for model {self.model} stopped while the batch was running", None)
+
+    def cancel(self, job_id: str) -> int:
+        """Drop a job's queued patches and fail its waiting calls; returns how many patches were dropped."""
+        with self._cond:
+            refs = self._policy.cancel(job_id)
+            calls = dict.fromkeys(self._pending.pop(ref)[0] for ref in refs)
+            self._m_depth.set(self._policy.depth)
+        for call in calls:
+            call.fail(f"job {job_id} cancelled", None)
+        return len(refs)
+
+    def infer(self, job_id: str, patches: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Score `patches` (n, C, *patch) -> (n, K, *patch), blocking until every patch has run.
+
+        The patches may be split over several batches and share them with other jobs' patches.
+        Raises InferenceError if the runner fails on one of those batches or returns unusable scores.
+        """
+        if patches.ndim < 3 or patches.shape[0] == 0:
+            raise ValueError(f"patches must be (n >= 1, C, *spatial), got shape {patches.shape}")
+        batch = np.ascontiguousarray(patches, dtype=np.float32)
+        call = _Call(job_id, batch.shape[0], tuple(batch.shape[2:]))
+        with self._cond:
+            if self._state != "running":
+                raise InferenceError(f"scheduler for model {self.model} is not running")
+            now = self._clock()
+            for row in range(batch.shape[0]):
+                ref = PatchRef(job_id, self._next_index)
+                self._next_index += 1
+                self._pending[ref] = (call, row, batch[row])
+                self._policy.submit(ref, now)
+            self._m_depth.set(self._policy.depth)
+            self._cond.notify_all()
+        return call.wait()
+
+    # -- worker thread -------------------------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        while True:
+            with self._cond:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                work = [self._pending.pop(ref) for ref in batch.items]
+                work = [w for w in work if not w[0].done]  # calls that failed already: skip their rows
+                self._inflight = tuple(dict.fromkeys(call for call, _, _ in work))
+                self._m_depth.set(self._policy.depth)
+            try:
+                if work:
+                    self._run(batch, work)
+            except Exception as exc:  # never let the worker die: fail this batch and go on
+                log.exception("model %s: scheduler error", self.model)
+                for call, _, _ in work:
+                    call.fail(f"scheduler error on model {self.model}: {exc}", exc)
+            finally:
+                with self._cond:
+                    self._inflight = ()
+
+    def _next_batch(self) -> Batch | None:
+        """Wait (holding the condition) until the policy closes a batch; None once stopped."""
+        while self._state == "running":
+            now = self._clock()
+            batch = self._policy.next_batch(now)
+            if batch is not None:
+                return batch
+            deadline = self._policy.deadline()
+            self._cond.wait(None if deadline is None else max(deadline - now, 0.0))
+        return None
+
+    def _run(self, batch: Batch, work: list[_Work]) -> None:
+        x = np.stack([patch for _, _, patch in work])
+        calls = dict.fromkeys(call for call, _, _ in work)
+        job_ids = tuple(dict.fromkeys(call.job_id for call in calls))
+        started = self._clock()
+        scores: NDArray[np.float32] | None = None
+        try:
+            scores = self._check_shape(self._runner.run(x), x.shape)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, InferenceError) else f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "model %s: batch of %d patches from jobs %s failed: %s",
+                self.model,
+                len(work),
+                ",".join(job_ids),
+                reason,
+            )
+            message = f"inference failed for model {self.model}: {reason}"
+            for call in calls:
+                call.fail(message, exc)
+        run_s = self._clock() - started
+        if scores is not None:
+            self._deliver(work, scores)
+        waited_s = started - batch.oldest_enqueued_at
+        record = BatchRecord(self.model, len(work), job_ids, waited_s, run_s, failed=scores is None)
+        self._m_size.observe(record.size)
+        self._m_jobs.observe(len(job_ids))
+        self._m_run.observe(run_s)
+        self._m_wait.observe(max(record.waited_s, 0.0))
+        if self._on_batch is not None:
+            try:
+                self._on_batch(record)
+            except Exception:
+                log.exception("model %s: on_batch callback failed", self.model)
+
+    def _check_shape(self, out: NDArray[np.float32], in_shape: tuple[int, ...]) -> NDArray[np.float32]:
+        scores = np.asarray(out, dtype=np.float32)
+        if (
+            scores.ndim != len(in_shape)
+            or scores.shape[0] != in_shape[0]
+            or scores.shape[2:] != in_shape[2:]
+            or scores.shape[1] < 1
+        ):
+            raise InferenceError(
+                f"model {self.model} returned shape {scores.shape} for input {in_shape}, "
+                "expected (N, K, *spatial of the input)"
+            )
+        return scores
+
+    def _deliver(self, work: list[_Work], scores: NDArray[np.float32]) -> None:
+        """Give each call its rows; a call whose rows hold NaN/inf fails alone (its input, not the batch)."""
+        by_call: dict[_Call, tuple[list[int], list[int]]] = {}
+        for position, (call, row, _) in enumerate(work):
+            positions, rows = by_call.setdefault(call, ([], []))
+            positions.append(position)
+            rows.append(row)
+        for call, (positions, rows) in by_call.items():
+            mine = scores[positions]
+            if not np.isfinite(mine).all():
+                call.fail(f"model {self.model} returned non-finite scores (NaN or inf)", None)
+            else:
+                call.fill(rows, mine)
