@@ -57,6 +57,11 @@ def parse_encoded(encoded: bytes) -> Dataset:
         raise ValueError(f"not a readable DICOM data set: {type(exc).__name__}") from exc
 
 
+def header_from_encoded(encoded: bytes, path: Path, calling_ae: str, received_at: float) -> InstanceHeader:
+    """Parse encoded Part 10 bytes (header only) into an InstanceHeader; ValueError when not usable."""
+    return header_from_dataset(parse_encoded(encoded), path, calling_ae, received_at)
+
+
 def header_from_dataset(ds: Dataset, path: Path, calling_ae: str, received_at: float) -> InstanceHeader:
     """Build an InstanceHeader from a parsed data set; ValueError on missing or invalid UIDs or bad values.
 

@@ -34,7 +34,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicom_router.headers import InstanceHeader, header_from_dataset, parse_encoded
+from dicom_router.headers import InstanceHeader, header_from_encoded
 from dicom_router.spool import Spool
 from dicom_router.statuses import Status
 from dicom_router.uids import uid_fingerprint
@@ -144,7 +144,7 @@ class StoreSCP:
         calling_ae = str(event.assoc.requestor.ae_title).strip()
         try:
             encoded = event.encoded_dataset(include_meta=True)
-            header = header_from_dataset(parse_encoded(encoded), Path(), calling_ae, received_at)
+            header = header_from_encoded(encoded, Path(), calling_ae, received_at)
         except ValueError as exc:
             log.warning("C-STORE from %s refused, cannot understand data set: %s", calling_ae, exc)
             return Status.CANNOT_UNDERSTAND
@@ -159,7 +159,10 @@ class StoreSCP:
         try:
             path = self._spool.store(header.sop_instance_uid, encoded)
         except OSError as exc:
-            log.error("C-STORE from %s refused, spool write failed (%s) (instance %s)", calling_ae, exc, tag)
+            # strerror only: the full message would name the file, i.e. the raw SOP Instance UID.
+            log.error(
+                "C-STORE from %s refused, spool write failed: %s (instance %s)", calling_ae, exc.strerror, tag
+            )
             return Status.OUT_OF_RESOURCES
         try:
             self._on_instance(dataclasses.replace(header, path=path))

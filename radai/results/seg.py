@@ -9,6 +9,7 @@ import datetime
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -104,6 +105,14 @@ def result_uid(source: Sequence[Dataset], algorithm: Algorithm, *kind: str) -> s
     )
 
 
+def creation_dates(created: datetime.datetime | None) -> dict[str, Any]:
+    """Content and series date/time keyword arguments for highdicom (none: highdicom uses now)."""
+    if created is None:
+        return {}
+    day, time = created.date(), created.time()
+    return {"content_date": day, "content_time": time, "series_date": day, "series_time": time}
+
+
 def _check(req: SegRequest) -> tuple[NDArray[np.integer], list[SegmentSpec]]:
     """Validate the request; return the present label values' specs in value order."""
     if len(req.source) == 0:
@@ -169,14 +178,6 @@ def build_seg(req: SegRequest) -> Dataset:
     if len(present) < 256:
         frames = frames.astype(np.uint8)
     algo = req.algorithm
-    dates: dict[str, datetime.date | datetime.time] = {}
-    if req.created is not None:
-        dates = {
-            "content_date": req.created.date(),
-            "content_time": req.created.time(),
-            "series_date": req.created.date(),
-            "series_time": req.created.time(),
-        }
     try:
         seg = hd.seg.Segmentation(
             source_images=list(req.source),
@@ -195,7 +196,7 @@ def build_seg(req: SegRequest) -> Dataset:
             content_description=_lo("AI generated segmentation, not verified by a physician"),
             series_description=series_description("SEG", algo),
             omit_empty_frames=True,
-            **dates,
+            **creation_dates(req.created),
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"SEG could not be built: {exc}") from exc
