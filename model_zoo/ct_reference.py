@@ -12,17 +12,11 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from model_zoo.ct_classical import CtParams
+from model_zoo.ct_classical import DEFAULT_PARAMS, CtParams
 
 BACKGROUND, BODY, LUNG, BONE = 0, 1, 2, 3
 
 BoolArray = NDArray[np.bool_]
-
-
-def hu_to_input(hu: NDArray[np.floating], params: CtParams = CtParams()) -> NDArray[np.float32]:
-    """The card's intensity normalisation (MONAI ScaleIntensityRange with clip) done in numpy."""
-    scaled = (hu.astype(np.float64) - params.hu_min) / (params.hu_max - params.hu_min)
-    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
 def _box(size: tuple[int, int, int]) -> BoolArray:
@@ -47,7 +41,7 @@ def _fill_between(mask: BoolArray, axis: int) -> BoolArray:
     return out
 
 
-def reference_masks(volume: NDArray[np.floating], params: CtParams = CtParams()) -> dict[str, BoolArray]:
+def reference_masks(volume: NDArray[np.floating], params: CtParams = DEFAULT_PARAMS) -> dict[str, BoolArray]:
     """Body (filled), lung and bone masks of one normalised (X, Y, Z) volume; X, Y in-plane."""
     if volume.ndim != 3:
         raise ValueError(f"expected an (X, Y, Z) volume, got shape {volume.shape}")
@@ -57,7 +51,11 @@ def reference_masks(volume: NDArray[np.floating], params: CtParams = CtParams())
     filled = _fill_between(body, 0) & _fill_between(body, 1)
     inner = _erode(filled, params.wall_erode)
     candidate = (hu < params.lung_hu) & inner
-    seed = _erode(candidate, params.lung_seed)
+    window = np.ones(params.lung_seed)
+    mean_hu = ndimage.correlate(hu, window, mode="constant") / ndimage.correlate(
+        np.ones_like(hu), window, mode="constant"
+    )
+    seed = _erode(candidate, params.lung_seed) & (mean_hu > params.seed_min_mean_hu)
     six = ndimage.generate_binary_structure(3, 1)
     if params.lung_grow_steps > 0 and seed.any():
         lung = ndimage.binary_dilation(
@@ -69,10 +67,11 @@ def reference_masks(volume: NDArray[np.floating], params: CtParams = CtParams())
     bone_raw = (hu > params.bone_hu) & filled
     neighbours = ndimage.correlate(bone_raw.astype(np.int32), np.ones((3, 3, 3), np.int32), mode="constant")
     bone = bone_raw & (neighbours >= params.bone_min_neighbours)
-    return {"body": filled, "lung": lung & ~bone, "bone": bone}
+    bone = _erode(_dilate(bone, params.bone_close), params.bone_close) & filled & ~lung
+    return {"body": filled, "lung": lung, "bone": bone}
 
 
-def reference_labels(volume: NDArray[np.floating], params: CtParams = CtParams()) -> NDArray[np.uint8]:
+def reference_labels(volume: NDArray[np.floating], params: CtParams = DEFAULT_PARAMS) -> NDArray[np.uint8]:
     """Label map (0 background, 1 body, 2 lung, 3 bone) of one normalised (X, Y, Z) volume."""
     masks = reference_masks(volume, params)
     labels = np.zeros(volume.shape, dtype=np.uint8)

@@ -12,13 +12,22 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from radai.errors import ModelPackageError
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
-Axcodes = Annotated[str, Field(pattern=r"^(?=.*[LR])(?=.*[AP])(?=.*[SI])[LRAPSI]{3}$")]
+
+
+def _axcodes(value: str) -> str:
+    """Three nibabel axis codes, one from each of L/R, A/P, S/I (e.g. RAS, LIA)."""
+    if len(value) != 3 or any(sum(c in pair for c in value) != 1 for pair in ("LR", "AP", "SI")):
+        raise ValueError("orientation must be three axis codes, one of L/R, A/P and S/I each (e.g. RAS, LIA)")
+    return value
+
+
+Axcodes = Annotated[str, AfterValidator(_axcodes)]
 
 
 class Code(BaseModel):
