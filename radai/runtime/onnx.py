@@ -93,7 +93,8 @@ class OnnxRunner:
         declared = self.output_shape[1] if len(self.output_shape) > 1 else None
         if output_channels is not None and isinstance(declared, int) and declared != output_channels:
             raise InferenceError(
-                f"ONNX model {model_path.name} has {declared} output channels, the card says {output_channels}"
+                f"ONNX model {model_path.name} has {declared} output channels, "
+                f"the card says {output_channels}"
             )
         self._session: Any = session
         self._name = model_path.name

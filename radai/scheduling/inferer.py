@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+from monai.inferers.utils import sliding_window_inference
 from numpy.typing import NDArray
 
 from radai.models.manifest import InputSpec

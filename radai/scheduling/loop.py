@@ -132,7 +132,9 @@ class Scheduler:
             if self._state != "new":
                 raise RuntimeError(f"scheduler for model {self.model} was already started")
             self._state = "running"
-            self._thread = threading.Thread(target=self._serve, name=f"radai-scheduler-{self.model}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._serve, name=f"radai-scheduler-{self.model}", daemon=True
+            )
             self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
