@@ -37,8 +37,10 @@ def make_runner_factory(device: str) -> RunnerFactory:
 def load_models(settings: Settings) -> list[ModelPackage]:
     packages = discover(settings.models.search_paths(), settings.models.enabled)
     if not packages:
-        raise ConfigError("no valid model package found (models.paths: "
-                          f"{', '.join(str(p) for p in settings.models.search_paths()) or 'none'})")
+        raise ConfigError(
+            "no valid model package found (models.paths: "
+            f"{', '.join(str(p) for p in settings.models.search_paths()) or 'none'})"
+        )
     return packages
 
 
@@ -58,11 +60,16 @@ class Server:
             except (ModelPackageError, RadaiError) as exc:
                 raise ConfigError(f"model {pkg.key} failed validation: {exc}") from exc
             runner = create_runner(
-                pkg.card.runtime.backend, pkg.weights, output_channels=pkg.card.output.channels,
+                pkg.card.runtime.backend,
+                pkg.weights,
+                output_channels=pkg.card.output.channels,
                 device=settings.scheduler.device,
             )
             scheduler = Scheduler(
-                pkg.card.id, runner, pkg.card.runtime.max_batch, settings.scheduler.max_wait_seconds,
+                pkg.card.id,
+                runner,
+                pkg.card.runtime.max_batch,
+                settings.scheduler.max_wait_seconds,
                 on_batch=self._on_batch,
             )
             self._schedulers[pkg.key] = scheduler
@@ -71,12 +78,19 @@ class Server:
         if not senders:
             log.warning("no destinations configured: results will be computed but not sent anywhere")
         self.workflow = Workflow(
-            slots, senders, self.store, workers=settings.scheduler.job_workers,
+            slots,
+            senders,
+            self.store,
+            workers=settings.scheduler.job_workers,
             release_instances=self._release,
         )
         self.receiver = Receiver(
-            settings.dicom.ae_title, settings.dicom.host, settings.dicom.port, settings.storage.spool_dir,
-            settings.completion.study_quiet_seconds, self.workflow.on_study_complete,
+            settings.dicom.ae_title,
+            settings.dicom.host,
+            settings.dicom.port,
+            settings.storage.spool_dir,
+            settings.completion.study_quiet_seconds,
+            self.workflow.on_study_complete,
         )
 
     def _on_batch(self, record: BatchRecord) -> None:
@@ -103,8 +117,13 @@ class Server:
         for s in self._schedulers.values():
             s.start()
         self.receiver.start()
-        log.info("radai listening as %s on %s:%d; models: %s", self.settings.dicom.ae_title,
-                 self.settings.dicom.host, self.receiver.port, ", ".join(p.key for p in self.models))
+        log.info(
+            "radai listening as %s on %s:%d; models: %s",
+            self.settings.dicom.ae_title,
+            self.settings.dicom.host,
+            self.receiver.port,
+            ", ".join(p.key for p in self.models),
+        )
 
     def stop(self) -> None:
         self.receiver.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -25,7 +26,8 @@ app.add_typer(models_app, name="models")
 app.add_typer(studies_app, name="studies")
 
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="YAML config file (RADAI_* environment variables override it).")
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (RADAI_* environment variables override it)."),
 ]
 
 
@@ -111,7 +113,7 @@ def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def _store(config: Path | None) -> "SqliteJobStore":
+def _store(config: Path | None) -> SqliteJobStore:
     from radai.storage.sqlite import SqliteJobStore
 
     db = _settings(config).storage.database
@@ -134,7 +136,9 @@ def studies_list(
 
 
 @studies_app.command("show")
-def studies_show(uid: Annotated[str, typer.Argument(help="StudyInstanceUID")], config: ConfigOpt = None) -> None:
+def studies_show(
+    uid: Annotated[str, typer.Argument(help="StudyInstanceUID")], config: ConfigOpt = None
+) -> None:
     """Show one study: its jobs, stage timestamps, batches and outcome."""
     from dataclasses import asdict
 
@@ -142,6 +146,9 @@ def studies_show(uid: Annotated[str, typer.Argument(help="StudyInstanceUID")], c
 
 
 def main() -> None:
+    # torch's OpenMP threads spin-wait by default and then compete with ONNX Runtime's threads for the same
+    # cores (measured in benchmarks/README.md); passive waiting must be set before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         rc = app(standalone_mode=False)
     except RadaiError as exc:

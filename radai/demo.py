@@ -51,8 +51,9 @@ def overlay_png(volume: Volume, labels: np.ndarray, package: ModelPackage, path:
     canvas.paste(out, (0, 18))
     from PIL import ImageDraw
 
-    ImageDraw.Draw(canvas).text((4, 3), f"AI result, not verified - {package.card.id} {package.card.version}",
-                                fill=(255, 255, 0))
+    ImageDraw.Draw(canvas).text(
+        (4, 3), f"AI result, not verified - {package.card.id} {package.card.version}", fill=(255, 255, 0)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
@@ -68,8 +69,9 @@ def run_demo(out_dir: Path, nifti: Path | None = None, device: str = "auto") -> 
         raise ConfigError(f"demo input not found: {sample}")
     datasets = mr_series_from_nifti(sample)
     card = package.card
-    runner = create_runner(card.runtime.backend, package.weights, output_channels=card.output.channels,
-                           device=device)
+    runner = create_runner(
+        card.runtime.backend, package.weights, output_channels=card.output.channels, device=device
+    )
     scheduler = Scheduler(card.id, runner, card.runtime.max_batch, 0.05)
     scheduler.start()
     try:
@@ -81,5 +83,7 @@ def run_demo(out_dir: Path, nifti: Path | None = None, device: str = "auto") -> 
     sender.send(result.datasets)
     overlay = overlay_png(result.volume, result.labels, package, out_dir / "overlay.png")
     voxel_ml = result.volume.voxel_volume_ml
-    volumes = {lab.name: float(np.count_nonzero(result.labels == lab.value)) * voxel_ml for lab in card.labels}
+    volumes = {
+        lab.name: float(np.count_nonzero(result.labels == lab.value)) * voxel_ml for lab in card.labels
+    }
     return DemoResult(files=tuple(sender.written), overlay=overlay, volumes_ml=volumes)

@@ -33,7 +33,9 @@ INSTANCES_RECEIVED = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
-JOBS = Counter("radai_jobs_total", "Jobs finished, by model and outcome", ["model", "outcome"], registry=REGISTRY)
+JOBS = Counter(
+    "radai_jobs_total", "Jobs finished, by model and outcome", ["model", "outcome"], registry=REGISTRY
+)
 BATCH_SIZE = Histogram(
     "radai_scheduler_batch_size",
     "Patches per inference batch",
@@ -62,8 +64,12 @@ BATCH_WAIT_SECONDS = Histogram(
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-QUEUE_DEPTH = Gauge("radai_scheduler_queue_depth", "Patches waiting for a batch", ["model"], registry=REGISTRY)
+QUEUE_DEPTH = Gauge(
+    "radai_scheduler_queue_depth", "Patches waiting for a batch", ["model"], registry=REGISTRY
+)
 DELIVERIES = Counter(
-    "radai_deliveries_total", "Result deliveries, by destination and outcome", ["destination", "outcome"],
+    "radai_deliveries_total",
+    "Result deliveries, by destination and outcome",
+    ["destination", "outcome"],
     registry=REGISTRY,
 )

@@ -25,8 +25,11 @@ class DicomSender:
     def send(self, datasets: Sequence[Dataset]) -> None:
         try:
             send_datasets(
-                datasets, self._target, calling_ae=self._calling_ae,
-                retries=self._dest.retries, backoff_s=self._dest.backoff_seconds,
+                datasets,
+                self._target,
+                calling_ae=self._calling_ae,
+                retries=self._dest.retries,
+                backoff_s=self._dest.backoff_seconds,
             )
         except DeliveryFailed as exc:
             raise DeliveryError(f"destination {self._dest.name}: {exc}") from exc

@@ -7,6 +7,7 @@ and exported as a metric. A job fails with a stated reason, never silently.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -17,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from numpy.typing import NDArray
 from pydicom import Dataset
 
 from dicom_router.assembler import Series, Study
 from dicom_router.selection import select_series
 from radai import metrics
 from radai.domain import JobSpec, JobState, Stage, StudyRecord, StudyState, hashed, job_id_for
-from radai.errors import RadaiError
+from radai.errors import InferenceError, RadaiError
 from radai.imaging.resample import prepare, to_source_grid
 from radai.imaging.volume import Volume, build_volume
 from radai.models.manifest import ModelCard
@@ -48,7 +50,7 @@ class ModelSlot:
 class JobResult:
     job_id: str
     datasets: tuple[Dataset, ...]
-    labels: np.ndarray
+    labels: NDArray[np.uint8]
     volume: Volume
 
 
@@ -65,20 +67,21 @@ def _segments(card: ModelCard) -> list[SegmentSpec]:
     ]
 
 
-def infer_labels(volume: Volume, card: ModelCard, inferer: PatchInferer, job_id: str) -> np.ndarray:
+def infer_labels(volume: Volume, card: ModelCard, inferer: PatchInferer, job_id: str) -> NDArray[np.uint8]:
     """Model space, batched sliding window, back to the source grid, argmax: labels shaped like the volume."""
     prepared = prepare(volume, card.input)
     scores = sliding_window(
         prepared.image, card.input, lambda p: inferer.infer(job_id, p), sw_batch_size=card.runtime.max_batch
     )
     if scores.shape[0] != card.output.channels:
-        raise RadaiError(f"model returned {scores.shape[0]} channels, card says {card.output.channels}")
+        raise InferenceError(f"model returned {scores.shape[0]} channels, card says {card.output.channels}")
     back = to_source_grid(scores, prepared)
-    return np.argmax(back, axis=0).astype(np.uint8)
+    labels: NDArray[np.uint8] = np.argmax(back, axis=0).astype(np.uint8)
+    return labels
 
 
 def encode_results(
-    source: Sequence[Dataset], volume: Volume, labels: np.ndarray, card: ModelCard
+    source: Sequence[Dataset], volume: Volume, labels: NDArray[np.uint8], card: ModelCard
 ) -> tuple[Dataset, Dataset]:
     """SEG (one segment per label present) and a TID 1500 SR with one volume per segment."""
     algorithm = Algorithm(model_id=card.id, version=card.version, name=card.name)
@@ -102,7 +105,10 @@ def encode_results(
 
 
 def run_pipeline(
-    datasets: Sequence[Dataset], card: ModelCard, inferer: PatchInferer, job_id: str,
+    datasets: Sequence[Dataset],
+    card: ModelCard,
+    inferer: PatchInferer,
+    job_id: str,
     mark: Callable[[Stage], None] = lambda _s: None,
 ) -> JobResult:
     """Everything between 'queued' and 'encoded' for one job, on datasets already read."""
@@ -143,11 +149,18 @@ class Workflow:
         """Called by the receiver: create the jobs and hand them to the pool (returns at once)."""
         now = self._clock()
         instances = sum(len(s.instances) for s in study.series.values())
-        self._store.upsert_study(StudyRecord(
-            study_uid=study.study_uid, state=StudyState.COMPLETE, calling_ae=study.calling_ae,
-            instances=instances, series=len(study.series), first_received=study.first_received,
-            last_received=study.last_received, completed_at=now,
-        ))
+        self._store.upsert_study(
+            StudyRecord(
+                study_uid=study.study_uid,
+                state=StudyState.COMPLETE,
+                calling_ae=study.calling_ae,
+                instances=instances,
+                series=len(study.series),
+                first_received=study.first_received,
+                last_received=study.last_received,
+                completed_at=now,
+            )
+        )
         futures: list[Future[bool]] = []
         for slot in self._slots.values():
             series = select_series(study, slot.package.series_rules())
@@ -155,23 +168,30 @@ class Workflow:
                 continue
             spec = JobSpec(
                 job_id=job_id_for(study.study_uid, series.series_uid, slot.package.key),
-                study_uid=study.study_uid, series_uid=series.series_uid, model_key=slot.package.key,
-                first_received=study.first_received, last_received=study.last_received, completed_at=now,
+                study_uid=study.study_uid,
+                series_uid=series.series_uid,
+                model_key=slot.package.key,
+                first_received=study.first_received,
+                last_received=study.last_received,
+                completed_at=now,
             )
             self._store.add_job(spec)
             self._stage(spec, Stage.QUEUED, self._clock())
             futures.append(self._pool.submit(self._run_job, spec, slot, series))
             log.info("study %s: job %s queued for %s", hashed(study.study_uid), spec.job_id, spec.model_key)
         if not futures:
-            log.info("study %s: no model accepts any of its %d series", hashed(study.study_uid), len(study.series))
+            log.info(
+                "study %s: no model accepts any of its %d series", hashed(study.study_uid), len(study.series)
+            )
             self._store.set_study_state(study.study_uid, StudyState.NO_MATCH)
             self._release_study(study)
             return
         self._store.set_study_state(study.study_uid, StudyState.PROCESSING)
         with self._lock:
             self._open[study.study_uid] = futures
+        finish = functools.partial(self._maybe_finish_study, study)
         for fut in futures:
-            fut.add_done_callback(lambda _f, s=study: self._maybe_finish_study(s))
+            fut.add_done_callback(lambda _f: finish())
 
     def _stage(self, spec: JobSpec, stage: Stage, at: float) -> None:
         self._store.mark_stage(spec.job_id, stage, at)
@@ -180,7 +200,9 @@ class Workflow:
         card = slot.package.card
         model = card.id
         times: dict[Stage, float] = {
-            Stage.RECEIVED: spec.last_received, Stage.COMPLETE: spec.completed_at, Stage.QUEUED: self._clock(),
+            Stage.RECEIVED: spec.last_received,
+            Stage.COMPLETE: spec.completed_at,
+            Stage.QUEUED: self._clock(),
         }
 
         def mark(stage: Stage) -> None:

@@ -21,9 +21,16 @@ ReadinessCheck = Callable[[], dict[str, bool]]
 def _model_view(pkg: ModelPackage) -> dict[str, Any]:
     c = pkg.card
     return {
-        "id": c.id, "version": c.version, "name": c.name, "task": c.task, "kind": c.kind,
-        "modality": c.modality, "body_part": c.body_part, "labels": [lab.name for lab in c.labels],
-        "intended_use": c.intended_use, "not_for_clinical_use": c.not_for_clinical_use,
+        "id": c.id,
+        "version": c.version,
+        "name": c.name,
+        "task": c.task,
+        "kind": c.kind,
+        "modality": c.modality,
+        "body_part": c.body_part,
+        "labels": [lab.name for lab in c.labels],
+        "intended_use": c.intended_use,
+        "not_for_clinical_use": c.not_for_clinical_use,
     }
 
 

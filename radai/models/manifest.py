@@ -12,12 +12,19 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from radai.errors import ModelPackageError
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
-
 
 
 def _axcodes(value: str) -> str:
@@ -151,7 +158,9 @@ class ModelCard(BaseModel):
         if len(set(values)) != len(values):
             raise ValueError("labels: duplicate value")
         if max(values) >= self.output.channels:
-            raise ValueError(f"labels: value {max(values)} has no output channel (channels={self.output.channels})")
+            raise ValueError(
+                f"labels: value {max(values)} has no output channel (channels={self.output.channels})"
+            )
         return self
 
     @property

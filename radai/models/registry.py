@@ -74,10 +74,14 @@ def reference_check(package: ModelPackage, make_runner: RunnerFactory) -> float:
     finally:
         runner.close()
     if got.shape != ref_out.shape:
-        raise ModelPackageError(f"{card.key}: reference output shape {got.shape}, card expects {ref_out.shape}")
+        raise ModelPackageError(
+            f"{card.key}: reference output shape {got.shape}, card expects {ref_out.shape}"
+        )
     diff = float(np.max(np.abs(got - ref_out)))
     if not np.isfinite(diff) or diff > card.reference.atol:
-        raise ModelPackageError(f"{card.key}: reference check failed: max abs diff {diff:.3g} > {card.reference.atol}")
+        raise ModelPackageError(
+            f"{card.key}: reference check failed: max abs diff {diff:.3g} > {card.reference.atol}"
+        )
     return diff
 
 

@@ -68,8 +68,14 @@ class SqliteJobStore:
                 "state=excluded.state, calling_ae=excluded.calling_ae, instances=excluded.instances, "
                 "series=excluded.series, last_received=excluded.last_received, completed_at=excluded.completed_at",
                 (
-                    record.study_uid, record.state.value, record.calling_ae, record.instances, record.series,
-                    record.first_received, record.last_received, record.completed_at,
+                    record.study_uid,
+                    record.state.value,
+                    record.calling_ae,
+                    record.instances,
+                    record.series,
+                    record.first_received,
+                    record.last_received,
+                    record.completed_at,
                 ),
             )
 
@@ -88,8 +94,14 @@ class SqliteJobStore:
                 "INSERT INTO jobs (job_id, study_uid, series_uid, model_key, state, stages) VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT(job_id) DO UPDATE SET state=excluded.state, reason='', stages=excluded.stages, "
                 "batches=0, shared_batches=0, outputs='[]'",
-                (spec.job_id, spec.study_uid, spec.series_uid, spec.model_key, JobState.QUEUED.value,
-                 json.dumps(stages)),
+                (
+                    spec.job_id,
+                    spec.study_uid,
+                    spec.series_uid,
+                    spec.model_key,
+                    JobState.QUEUED.value,
+                    json.dumps(stages),
+                ),
             )
 
     def mark_stage(self, job_id: str, stage: Stage, at: float) -> None:
@@ -97,8 +109,13 @@ class SqliteJobStore:
             self._db.execute(
                 "UPDATE jobs SET stages=json_set(stages, ?, ?), state=CASE WHEN state=? THEN ? ELSE state END "
                 "WHERE job_id=?",
-                (f"$.{stage.value}", at, JobState.QUEUED.value, JobState.RUNNING.value
-                 if stage is not Stage.QUEUED else JobState.QUEUED.value, job_id),
+                (
+                    f"$.{stage.value}",
+                    at,
+                    JobState.QUEUED.value,
+                    JobState.RUNNING.value if stage is not Stage.QUEUED else JobState.QUEUED.value,
+                    job_id,
+                ),
             )
 
     def finish_job(self, job_id: str, state: JobState, reason: str = "", outputs: Sequence[str] = ()) -> None:
@@ -120,9 +137,15 @@ class SqliteJobStore:
         rows = self._db.execute("SELECT * FROM jobs WHERE study_uid=? ORDER BY model_key", (study_uid,))
         return tuple(
             JobRecord(
-                job_id=r["job_id"], study_uid=r["study_uid"], series_uid=r["series_uid"],
-                model_key=r["model_key"], state=JobState(r["state"]), reason=r["reason"],
-                stages=json.loads(r["stages"]), batches=r["batches"], shared_batches=r["shared_batches"],
+                job_id=r["job_id"],
+                study_uid=r["study_uid"],
+                series_uid=r["series_uid"],
+                model_key=r["model_key"],
+                state=JobState(r["state"]),
+                reason=r["reason"],
+                stages=json.loads(r["stages"]),
+                batches=r["batches"],
+                shared_batches=r["shared_batches"],
                 outputs=tuple(json.loads(r["outputs"])),
             )
             for r in rows.fetchall()
@@ -130,14 +153,22 @@ class SqliteJobStore:
 
     def _study(self, r: sqlite3.Row) -> StudyRecord:
         return StudyRecord(
-            study_uid=r["study_uid"], state=StudyState(r["state"]), calling_ae=r["calling_ae"],
-            instances=r["instances"], series=r["series"], first_received=r["first_received"],
-            last_received=r["last_received"], completed_at=r["completed_at"], jobs=self._jobs(r["study_uid"]),
+            study_uid=r["study_uid"],
+            state=StudyState(r["state"]),
+            calling_ae=r["calling_ae"],
+            instances=r["instances"],
+            series=r["series"],
+            first_received=r["first_received"],
+            last_received=r["last_received"],
+            completed_at=r["completed_at"],
+            jobs=self._jobs(r["study_uid"]),
         )
 
     def list_studies(self, limit: int = 100) -> list[StudyRecord]:
         with self._lock:
-            rows = self._db.execute("SELECT * FROM studies ORDER BY completed_at DESC LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                "SELECT * FROM studies ORDER BY completed_at DESC LIMIT ?", (limit,)
+            ).fetchall()
             return [self._study(r) for r in rows]
 
     def get_study(self, study_uid: str) -> StudyRecord:

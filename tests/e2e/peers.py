@@ -53,9 +53,22 @@ def storescp(folder: Path) -> Iterator[Pacs]:
     folder.mkdir(parents=True, exist_ok=True)
     pacs = Pacs(port=free_port(), folder=folder)
     proc = subprocess.Popen(
-        ["storescp", "--aetitle", pacs.ae_title, "--max-pdu", "131072", "-od", str(folder), "+xa",
-         "--sort-on-study-uid", "st", str(pacs.port)],
-        env=DCMTK_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            "storescp",
+            "--aetitle",
+            pacs.ae_title,
+            "--max-pdu",
+            "131072",
+            "-od",
+            str(folder),
+            "+xa",
+            "--sort-on-study-uid",
+            "st",
+            str(pacs.port),
+        ],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         wait_for(lambda: _port_open(pacs.port), 10, "storescp to listen")
@@ -86,7 +99,9 @@ class RadaiServer:
 
 
 @contextmanager
-def radai_serve(tmp: Path, pacs: Pacs, quiet_seconds: float = 1.0) -> Iterator[RadaiServer]:
+def radai_serve(
+    tmp: Path, pacs: Pacs, quiet_seconds: float = 1.0, max_wait_seconds: float = 0.05
+) -> Iterator[RadaiServer]:
     """`radai serve -c radai.yaml` in a subprocess with the minimal administrator's config file."""
     server = RadaiServer(free_port(), free_port(), tmp / "radai-data", tmp / "radai.log")
     config = {
@@ -95,6 +110,7 @@ def radai_serve(tmp: Path, pacs: Pacs, quiet_seconds: float = 1.0) -> Iterator[R
         "completion": {"study_quiet_seconds": quiet_seconds},
         "storage": {"data_dir": str(server.data_dir)},
         "api": {"host": "127.0.0.1", "port": server.api_port},
+        "scheduler": {"max_wait_seconds": max_wait_seconds},
     }
     cfg = tmp / "radai.yaml"
     cfg.write_text(yaml.safe_dump(config))
@@ -126,9 +142,21 @@ def _ready(server: RadaiServer) -> bool:
 
 def storescu(port: int, files: list[Path] | Path, *extra: str) -> subprocess.CompletedProcess[str]:
     paths = [files] if isinstance(files, Path) else files
-    args = ["storescu", "--aetitle", "MODALITY", "--call", "RADAI", "--max-pdu", "131072", *extra,
-            "127.0.0.1", str(port)]
+    args = [
+        "storescu",
+        "--aetitle",
+        "MODALITY",
+        "--call",
+        "RADAI",
+        "--max-pdu",
+        "131072",
+        *extra,
+        "127.0.0.1",
+        str(port),
+    ]
     if any(p.is_dir() for p in paths):
         args.insert(1, "+sd")
         args.insert(1, "+r")
-    return subprocess.run([*args, *map(str, paths)], env=DCMTK_ENV, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [*args, *map(str, paths)], env=DCMTK_ENV, capture_output=True, text=True, timeout=120
+    )
