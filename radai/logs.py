@@ -14,3 +14,6 @@ def configure(level: str = "INFO") -> None:
     )
     # pynetdicom's debug output dumps datasets (patient data): keep it at WARNING whatever the level.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # highdicom narrates every module it copies at INFO; pydicom's warnings can quote element values.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
