@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,72 +14,29 @@ from pathlib import Path
 import httpx
 import yaml
 
+from tests.dicom_router.peers import DcmtkStoreScp, dcmtk_storescp, free_port, storescu
+
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
 CRLM = SHARED / "data" / "dicom" / "ct_abdomen_crlm"
 T1_NIFTI = SHARED / "models" / "brainchop" / "t1_crop.nii.gz"
-DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+Pacs = DcmtkStoreScp
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.2) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
+        if predicate():
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-@dataclass
-class Pacs:
-    port: int
-    folder: Path
-    ae_title: str = "PACS"
-
-    def files(self) -> list[Path]:
-        return sorted(p for p in self.folder.rglob("*") if p.is_file())
-
-
 @contextmanager
 def storescp(folder: Path) -> Iterator[Pacs]:
-    """A DCMTK storescp on loopback that accepts everything into `folder` (the PACS)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    pacs = Pacs(port=free_port(), folder=folder)
-    proc = subprocess.Popen(
-        [
-            "storescp",
-            "--aetitle",
-            pacs.ae_title,
-            "--max-pdu",
-            "131072",
-            "-od",
-            str(folder),
-            "+xa",
-            "--sort-on-study-uid",
-            "st",
-            str(pacs.port),
-        ],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for(lambda: _port_open(pacs.port), 10, "storescp to listen")
+    """The PACS: a DCMTK storescp on loopback accepting every transfer syntax into `folder`."""
+    with dcmtk_storescp(folder, "+xa") as pacs:
         yield pacs
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @dataclass
@@ -140,23 +96,6 @@ def _ready(server: RadaiServer) -> bool:
         return False
 
 
-def storescu(port: int, files: list[Path] | Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    paths = [files] if isinstance(files, Path) else files
-    args = [
-        "storescu",
-        "--aetitle",
-        "MODALITY",
-        "--call",
-        "RADAI",
-        "--max-pdu",
-        "131072",
-        *extra,
-        "127.0.0.1",
-        str(port),
-    ]
-    if any(p.is_dir() for p in paths):
-        args.insert(1, "+sd")
-        args.insert(1, "+r")
-    return subprocess.run(
-        [*args, *map(str, paths)], env=DCMTK_ENV, capture_output=True, text=True, timeout=120
-    )
+def send_folder(port: int, folder: Path) -> subprocess.CompletedProcess[str]:
+    """DCMTK storescu sending every file below `folder` in one association."""
+    return storescu(port, [folder], "+sd", "+r")

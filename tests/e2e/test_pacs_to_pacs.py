@@ -16,16 +16,15 @@ import pytest
 from pydicom import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
-from tests.dicom_router.peers import raw_part10, raw_store_association
+from tests.dicom_router.peers import echoscu, raw_part10, raw_store_association
 from tests.e2e.peers import (
     CRLM,
-    DCMTK_ENV,
     T1_NIFTI,
     Pacs,
     RadaiServer,
     radai_serve,
+    send_folder,
     storescp,
-    storescu,
     wait_for,
 )
 
@@ -43,7 +42,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RadaiServe
     tmp = tmp_path_factory.mktemp("e2e")
     # A partial batch may wait 3 s for patches of other jobs, so that studies arriving together share batches
     # even when one is prepared a little faster than the other.
-    with storescp(tmp / "pacs") as pacs, radai_serve(tmp, pacs, quiet_seconds=1.0, max_wait_seconds=3.0) as server:
+    with (
+        storescp(tmp / "pacs") as pacs,
+        radai_serve(tmp, pacs, quiet_seconds=1.0, max_wait_seconds=3.0) as server,
+    ):
         yield server, pacs
 
 
@@ -84,13 +86,7 @@ def volume_ml(group: hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations) -
 
 def test_echo_succeeds(stack: tuple[RadaiServer, Pacs]) -> None:
     server, _ = stack
-    run = subprocess.run(
-        ["echoscu", "--call", "RADAI", "127.0.0.1", str(server.dicom_port)],
-        env=DCMTK_ENV,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    run = echoscu(server.dicom_port)
     assert run.returncode == 0, run.stderr
 
 
@@ -106,14 +102,13 @@ def test_non_dicom_payload_gets_failure_and_server_keeps_serving(
         status = assoc.send_c_store(junk)
     assert status and status.Status != 0x0000 and (status.Status & 0xF000) in (0xA000, 0xC000)
     # still serving: C-ECHO works right after (and the next study succeeds, in the test below)
-    echo = ["echoscu", "--call", "RADAI", "127.0.0.1", str(server.dicom_port)]
-    assert subprocess.run(echo, env=DCMTK_ENV, timeout=30).returncode == 0
+    assert echoscu(server.dicom_port).returncode == 0
 
 
 def test_ct_study_comes_back_as_valid_seg_and_sr(stack: tuple[RadaiServer, Pacs], tmp_path: Path) -> None:
     server, pacs = stack
     src = first_header(CT_1004)
-    sent = storescu(server.dicom_port, CT_1004)
+    sent = send_folder(server.dicom_port, CT_1004)
     assert sent.returncode == 0, sent.stderr
     results = wait_results(pacs, src.StudyInstanceUID)
     (seg,), (sr,) = results["SEG"], results["SR"]
@@ -154,7 +149,7 @@ def test_brain_mr_seg_lines_up_with_source_slices(stack: tuple[RadaiServer, Pacs
     folder.mkdir()
     for i, ds in enumerate(series):
         ds.save_as(folder / f"{i:04d}.dcm", enforce_file_format=True)
-    assert storescu(server.dicom_port, folder).returncode == 0
+    assert send_folder(server.dicom_port, folder).returncode == 0
     results = wait_results(pacs, series[0].StudyInstanceUID, timeout=600)
     (seg,) = results["SEG"]
     assert dciodvfy_errors(seg, tmp_path) == []
@@ -213,7 +208,7 @@ def test_two_studies_sent_together_share_batches(stack: tuple[RadaiServer, Pacs]
     uids = {"a": first_header(CT_1006).StudyInstanceUID, "b": copy_as_new_study(CT_1004, folders["b"])}
     results: dict[str, subprocess.CompletedProcess[str]] = {}
     threads = [
-        threading.Thread(target=lambda n=n, f=f: results.__setitem__(n, storescu(server.dicom_port, f)))
+        threading.Thread(target=lambda n=n, f=f: results.__setitem__(n, send_folder(server.dicom_port, f)))
         for n, f in folders.items()
     ]
     for t in threads:
