@@ -27,6 +27,11 @@ from radai.workflow import ModelSlot, Workflow
 log = logging.getLogger(__name__)
 
 
+def describe(runner: ModelRunner) -> str:
+    providers = getattr(runner, "providers", None)
+    return ", ".join(providers) if isinstance(providers, list | tuple) else type(runner).__name__
+
+
 def make_runner_factory(device: str) -> RunnerFactory:
     def factory(backend: str, path: Path, channels: int) -> ModelRunner:
         return create_runner(backend, path, output_channels=channels, device=device)
@@ -73,6 +78,7 @@ class Server:
                 on_batch=self._on_batch,
             )
             self._schedulers[pkg.key] = scheduler
+            log.info("model %s ready (%s, %s)", pkg.key, pkg.card.runtime.backend, describe(runner))
             slots[pkg.key] = ModelSlot(package=pkg, inferer=scheduler)
         senders = [DicomSender(d, settings.dicom.ae_title) for d in settings.destinations]
         if not senders:
@@ -126,11 +132,13 @@ class Server:
         )
 
     def stop(self) -> None:
+        log.info("radai stopping: no new associations; finishing running jobs")
         self.receiver.stop()
         self.workflow.close()
         for s in self._schedulers.values():
             s.stop()
         self.store.close()
+        log.info("radai stopped")
 
 
 def serve(settings: Settings) -> None:

@@ -97,8 +97,8 @@ class OnnxRunner:
                 f"the card says {output_channels}"
             )
         self._session: Any = session
-        self._name = model_path.name
-        log.info("onnx model %s loaded with providers %s", self._name, ",".join(self.providers))
+        self._name = f"{model_path.parent.name}/{model_path.name}"
+        log.debug("onnx model %s loaded with providers %s", self._name, ",".join(self.providers))
 
     def run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
         if self._session is None:
