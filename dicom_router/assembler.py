@@ -1,13 +1,15 @@
 """Study assembly: group instance headers into series and studies and decide when a study is complete.
 
 Pure: no clock reads, no I/O, no threads. The caller passes ``now`` in, so the policy is unit-testable
-with explicit times. Completion here is the quiet-period rule (no new instance for ``quiet_seconds``);
-other signals (association release, required series) can call :meth:`Assembler.pop_study` directly.
+with explicit times. A study is due when the sender released the association that carried it and a short
+grace window has passed (:meth:`Assembler.association_released`), or, as the fallback for senders that
+trickle, when no new instance came for ``quiet_seconds``. Other signals (required series) can call
+:meth:`Assembler.pop_study` directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from dicom_router.headers import InstanceHeader
@@ -72,10 +74,11 @@ class _Pending:
     study: Study
     last_activity: float
     series_of: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> Series UID
+    released_due: float | None = None  # set by an association release, cleared by the next instance
 
 
 class Assembler:
-    """Collects instances per study until the study has been quiet for ``quiet_seconds``."""
+    """Collects instances per study until its sender's release plus a grace window, or a quiet period."""
 
     def __init__(self, quiet_seconds: float) -> None:
         if quiet_seconds < 0:
@@ -102,6 +105,7 @@ class Assembler:
             entry = self._pending[header.study_uid] = _Pending(study=study, last_activity=now)
         study = entry.study
         entry.last_activity = max(entry.last_activity, now)
+        entry.released_due = None  # more data: wait for this association's release, or the quiet period
         study.first_received = min(study.first_received, header.received_at)
         study.last_received = max(study.last_received, header.received_at)
         self._discard_instance(entry, header.sop_instance_uid)
@@ -120,10 +124,22 @@ class Assembler:
             series.orientation = orientation_label(header.image_orientation)
         series.instances.append(header)
 
+    def association_released(self, study_uids: Iterable[str], now: float, grace_seconds: float) -> None:
+        """The sender released an association carrying these studies: each pending one becomes due at
+        ``now + grace_seconds`` (or earlier, if its quiet period ends first). An instance added later puts
+        the study back on the quiet period. Study UIDs not pending are ignored."""
+        if grace_seconds < 0:
+            raise ValueError("grace_seconds must be >= 0")
+        due = now + grace_seconds
+        for uid in study_uids:
+            entry = self._pending.get(uid)
+            if entry is not None:
+                entry.released_due = due if entry.released_due is None else min(entry.released_due, due)
+
     def pop_complete(self, now: float) -> list[Study]:
-        """Remove and return studies with no new instance for ``quiet_seconds`` (oldest activity first)."""
-        done = [uid for uid, entry in self._pending.items() if now - entry.last_activity >= self._quiet]
-        done.sort(key=lambda uid: (self._pending[uid].last_activity, uid))
+        """Remove and return the studies that are due at ``now`` (earliest due first)."""
+        done = [uid for uid, entry in self._pending.items() if now >= self._due(entry)]
+        done.sort(key=lambda uid: (self._due(self._pending[uid]), uid))
         return [self._pending.pop(uid).study for uid in done]
 
     def pop_study(self, study_uid: str) -> Study | None:
@@ -133,13 +149,15 @@ class Assembler:
 
     def next_deadline(self) -> float | None:
         """The earliest time at which a pending study becomes complete, or None when nothing is pending."""
-        if not self._pending:
-            return None
-        return min(entry.last_activity for entry in self._pending.values()) + self._quiet
+        return min((self._due(entry) for entry in self._pending.values()), default=None)
 
     def pending_study_uids(self) -> list[str]:
         """Study UIDs still being assembled."""
         return list(self._pending)
+
+    def _due(self, entry: _Pending) -> float:
+        quiet_due = entry.last_activity + self._quiet
+        return quiet_due if entry.released_due is None else min(quiet_due, entry.released_due)
 
     @staticmethod
     def _discard_instance(entry: _Pending, sop_instance_uid: str) -> None:

@@ -1,8 +1,12 @@
 """Receiver: the storage SCP, the study assembler and a background thread that completes studies.
 
-The SCP thread only enqueues headers; one assembler thread owns the :class:`Assembler` (no locks on
-its state), feeds it, and every ``poll_seconds`` pops studies that have been quiet long enough and hands
-them to ``on_study_complete``. A failing callback is logged and never stops the thread.
+The SCP threads only enqueue: headers from C-STORE and, when a sender releases its association, the
+studies it carried. Both go through one FIFO queue, so an association's instances are always added before
+its release is applied. One assembler thread owns the :class:`Assembler` (no locks on its state), feeds it,
+sleeps until the next deadline (at most ``poll_seconds``, woken at once by anything queued), and hands due
+studies to ``on_study_complete``: ``release_grace_seconds`` after the release, or after ``quiet_seconds``
+without new instances for senders that never release. A failing callback is logged and never stops the
+thread.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dicom_router.assembler import Assembler, Study
@@ -23,10 +28,23 @@ from dicom_router.uids import uid_fingerprint
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_SECONDS = 0.15
+DEFAULT_RELEASE_GRACE_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class _Released:
+    """An association carrying these studies was released by its sender."""
+
+    calling_ae: str
+    study_uids: frozenset[str]
 
 
 class Receiver:
-    """Receives instances over DICOM and reports each study once it has been quiet for ``quiet_seconds``."""
+    """Receives instances over DICOM and reports each study once its sender is done with it.
+
+    Done means: the association that carried it was released and ``release_grace_seconds`` passed with no
+    new instance (time for a follow-up association), or no new instance came for ``quiet_seconds``.
+    ``release_grace_seconds=None`` ignores releases (quiet period only)."""
 
     def __init__(
         self,
@@ -38,16 +56,28 @@ class Receiver:
         on_study_complete: Callable[[Study], None],
         clock: Callable[[], float] = time.time,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
+        release_grace_seconds: float | None = DEFAULT_RELEASE_GRACE_SECONDS,
     ) -> None:
+        if release_grace_seconds is not None and release_grace_seconds < 0:
+            raise ValueError("release_grace_seconds must be >= 0 or None")
         self._spool = Spool(spool_dir)
         self._assembler = Assembler(quiet_seconds)
         self._on_study_complete = on_study_complete
         self._clock = clock
         self._poll = poll_seconds
-        self._queue: queue.SimpleQueue[InstanceHeader] = queue.SimpleQueue()
+        self._grace = release_grace_seconds
+        self._queue: queue.SimpleQueue[InstanceHeader | _Released] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._scp = StoreSCP(ae_title, host, port, self._spool, self._queue.put, clock=clock)
+        self._scp = StoreSCP(
+            ae_title,
+            host,
+            port,
+            self._spool,
+            self._queue.put,
+            clock=clock,
+            on_association_released=None if release_grace_seconds is None else self._released,
+        )
 
     @property
     def port(self) -> int:
@@ -87,22 +117,35 @@ class Receiver:
             deadline = self._assembler.next_deadline()
             timeout = self._poll if deadline is None else min(self._poll, max(0.0, deadline - self._clock()))
             try:
-                header = self._queue.get(timeout=timeout)
+                item = self._queue.get(timeout=timeout)
             except queue.Empty:
                 pass
             else:
-                self._assembler.add(header, self._clock())
+                self._apply(item)
                 self._drain()
             self._complete(self._clock())
 
+    def _released(self, calling_ae: str, study_uids: frozenset[str]) -> None:
+        """SCP release callback, on the association's thread: only enqueue (this also wakes the thread)."""
+        self._queue.put(_Released(calling_ae, study_uids))
+
+    def _apply(self, item: InstanceHeader | _Released) -> None:
+        now = self._clock()
+        if isinstance(item, _Released):
+            if self._grace is not None:
+                log.debug("association from %s released (%d studies)", item.calling_ae, len(item.study_uids))
+                self._assembler.association_released(item.study_uids, now, self._grace)
+        else:
+            self._assembler.add(item, now)
+
     def _drain(self) -> None:
-        """Add everything already queued before checking completion (bursts cost one pass)."""
+        """Apply everything already queued before checking completion (bursts cost one pass)."""
         while True:
             try:
-                header = self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            self._assembler.add(header, self._clock())
+            self._apply(item)
 
     def _complete(self, now: float) -> None:
         for study in self._assembler.pop_complete(now):

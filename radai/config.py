@@ -38,8 +38,14 @@ class DestinationSettings(BaseModel):
 
 
 class CompletionSettings(BaseModel):
+    """When a study counts as complete: shortly after the sender releases its association (the main signal),
+    or after a quiet period without new instances (the fallback for senders that trickle or abort)."""
+
     model_config = _SECTION
     study_quiet_seconds: float = Field(default=30.0, gt=0.0)
+    # Grace after an association's release for a follow-up association of the same study; null disables
+    # the release signal (quiet period only).
+    association_grace_seconds: float | None = Field(default=1.0, ge=0.0, le=3600.0)
 
 
 class StorageSettings(BaseModel):

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import pydicom
 import yaml
+from pydicom.uid import generate_uid
 
 from tests.dicom_router.peers import DcmtkStoreScp, dcmtk_storescp, free_port, storescu
 
@@ -56,18 +58,19 @@ class RadaiServer:
 
 @contextmanager
 def radai_serve(
-    tmp: Path, pacs: Pacs, quiet_seconds: float = 1.0, max_wait_seconds: float = 0.05
+    tmp: Path, pacs: Pacs, quiet_seconds: float | None = 1.0, max_wait_seconds: float = 0.05
 ) -> Iterator[RadaiServer]:
     """`radai serve -c radai.yaml` in a subprocess with the minimal administrator's config file."""
     server = RadaiServer(free_port(), free_port(), tmp / "radai-data", tmp / "radai.log")
-    config = {
+    config: dict[str, object] = {
         "dicom": {"ae_title": "RADAI", "host": "127.0.0.1", "port": server.dicom_port},
         "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
-        "completion": {"study_quiet_seconds": quiet_seconds},
         "storage": {"data_dir": str(server.data_dir)},
         "api": {"host": "127.0.0.1", "port": server.api_port},
         "scheduler": {"max_wait_seconds": max_wait_seconds},
     }
+    if quiet_seconds is not None:  # None: the embedded default
+        config["completion"] = {"study_quiet_seconds": quiet_seconds}
     cfg = tmp / "radai.yaml"
     cfg.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
@@ -99,3 +102,15 @@ def _ready(server: RadaiServer) -> bool:
 def send_folder(port: int, folder: Path) -> subprocess.CompletedProcess[str]:
     """DCMTK storescu sending every file below `folder` in one association."""
     return storescu(port, [folder], "+sd", "+r")
+
+
+def copy_as_new_study(src: Path, dst: Path) -> str:
+    """The same images under new Study/Series/SOP Instance UIDs: a second, distinct study."""
+    dst.mkdir(parents=True)
+    study, series = generate_uid(), generate_uid()
+    for path in sorted(src.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(dst / path.name, enforce_file_format=True)
+    return study

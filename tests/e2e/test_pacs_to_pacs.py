@@ -22,6 +22,7 @@ from tests.e2e.peers import (
     T1_NIFTI,
     Pacs,
     RadaiServer,
+    copy_as_new_study,
     radai_serve,
     send_folder,
     storescp,
@@ -188,18 +189,6 @@ def test_brain_mr_seg_lines_up_with_source_slices(stack: tuple[RadaiServer, Pacs
     white = next(v for k, v in mean.items() if "white" in k)
     grey = next(v for k, v in mean.items() if "grey" in k or "gray" in k)
     assert white > grey * 1.1
-
-
-def copy_as_new_study(src: Path, dst: Path) -> str:
-    """The same images under new Study/Series/SOP Instance UIDs: a second, distinct study."""
-    dst.mkdir(parents=True)
-    study, series = generate_uid(), generate_uid()
-    for path in sorted(src.glob("*.dcm")):
-        ds = pydicom.dcmread(path)
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.save_as(dst / path.name, enforce_file_format=True)
-    return study
 
 
 def test_two_studies_sent_together_share_batches(stack: tuple[RadaiServer, Pacs], tmp_path: Path) -> None:
