@@ -2,7 +2,7 @@
 PACS (a DCMTK storescp), against the baseline of merely moving the same study between the same tuned DCMTK
 peers in the same run. Also reports where radai's time goes, per stage, from its own /metrics.
 
-    python benchmarks/time_to_result.py [--runs 3] [--series DIR]
+    python -m benchmarks.time_to_result [--runs 3] [--series DIR]     (from the repository root)
 
 Both DCMTK peers are tuned as DESIGN.md asks (TCP_NODELAY=1, --max-pdu 131072). radai runs on its embedded
 defaults except ports, data folder and the destination; each run sends the series under new UIDs so every run
