@@ -1,8 +1,8 @@
 """dicom_router: the DICOM edge of radai, usable on its own as a router.
 
 Storage SCP into a durable spool, study assembly (complete on association release, quiet period as the
-fallback), declarative series selection, SCU delivery with retries, and named DIMSE statuses. Depends on pydicom, pynetdicom and the
-standard library only (never on ``radai``).
+fallback), declarative series selection, SCU delivery with retries, and named DIMSE statuses. Depends on
+pydicom, pynetdicom and the standard library only (never on ``radai``).
 """
 
 from dicom_router.assembler import Assembler, Series, Study, orientation_label

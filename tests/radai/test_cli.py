@@ -64,3 +64,15 @@ def test_studies_list_without_a_database_says_so(tmp_path: Path) -> None:
 def test_unknown_command_is_a_usage_error(tmp_path: Path) -> None:
     run = radai_cli("bogus", cwd=tmp_path)
     assert run.returncode == 2 and "No such command" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_demo_writes_seg_sr_and_an_overlay_from_the_bundled_sample(tmp_path: Path) -> None:
+    run = radai_cli("demo", "--out", str(tmp_path / "demo"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    written = sorted(p.name.split("_")[0] for p in (tmp_path / "demo").iterdir())
+    assert written == ["SEG", "SR", "overlay.png"]
+    volumes = dict(line.split(": ") for line in run.stdout.splitlines() if line.endswith(" mL"))
+    # the bundled T1 crop: several hundred mL each of white and grey matter
+    assert 200 < float(volumes["White matter"].split()[0]) < 1500
+    assert 200 < float(volumes["Grey matter"].split()[0]) < 1500
+    assert "not for clinical use" in run.stdout
