@@ -13,7 +13,7 @@ N jobs (volumes) arrive together. Two ways to serve them:
 
 Reports makespan (all N done), per-job latency from the common arrival time, patch throughput, mean batch size
 and jobs per batch, and checks the two modes give the same scores. Writes JSON + a markdown table to
-benchmarks/results/ and prints the table. Run by hand: `python benchmarks/scheduler_pooling.py --quick`.
+benchmarks/results/ and prints the table. Run by hand: `python -m benchmarks.scheduler_pooling --quick`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -40,12 +38,11 @@ from monai.inferers.utils import sliding_window_inference
 from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.common import RESULTS, machine_basics
 from radai.models.manifest import InputSpec
 from radai.runtime.onnx import OnnxRunner
 from radai.scheduling.inferer import sliding_window
 from radai.scheduling.loop import BatchRecord, Scheduler
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 @dataclass(frozen=True)
@@ -198,12 +195,7 @@ def row(jobs: int, mode: str, done: list[float], batch_sizes: list[int], batch_j
 
 def machine(runner: OnnxRunner) -> dict[str, Any]:
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "python": sys.version.split()[0],
+        **machine_basics(),
         "onnxruntime": ort.__version__,
         "onnxruntime_providers_available": ort.get_available_providers(),
         "onnxruntime_providers_used": runner.providers,

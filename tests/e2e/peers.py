@@ -16,7 +16,7 @@ import pydicom
 import yaml
 from pydicom.uid import generate_uid
 
-from tests.dicom_router.peers import DcmtkStoreScp, dcmtk_storescp, free_port, storescu
+from tests.dicom_router.peers import DcmtkStoreScp, dcmtk_storescp, free_port, stop_process, storescu
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -84,12 +84,7 @@ def radai_serve(
                 raise RuntimeError(f"radai serve exited: {server.log.read_text()[-2000:]}")
             yield server
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=30)
 
 
 def _ready(server: RadaiServer) -> bool:
