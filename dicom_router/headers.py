@@ -11,6 +11,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_fragments
 
 from dicom_router.uids import is_valid_uid
 
@@ -47,14 +48,49 @@ def read_header(path: Path, calling_ae: str, received_at: float) -> InstanceHead
 
 
 def parse_encoded(encoded: bytes) -> Dataset:
-    """Parse an encoded file (preamble + file meta + data set) up to, not including, the pixel data.
+    """Parse an encoded file (preamble + file meta + data set) to its end and check the pixel data's
+    structure (lengths and fragments only: nothing is decoded).
 
-    Raises ValueError when the bytes are not DICOM.
+    Raises ValueError when the bytes are not DICOM, are truncated, or the pixel data cannot be what the
+    header says (e.g. its length does not match Rows x Columns x frames).
     """
     try:
-        return dcmread(BytesIO(encoded), stop_before_pixels=True)
+        ds = dcmread(BytesIO(encoded))
     except Exception as exc:  # see read_header
         raise ValueError(f"not a readable DICOM data set: {type(exc).__name__}") from exc
+    check_pixel_data(ds)
+    return ds
+
+
+def check_pixel_data(ds: Dataset) -> None:
+    """Cheap structural check of Pixel Data; ValueError with the reason when it cannot be decoded later."""
+    if "PixelData" not in ds:
+        raise ValueError("no Pixel Data")
+    try:
+        value = ds["PixelData"].value
+        if value is None:
+            raise ValueError("empty Pixel Data")
+        syntax = ds.file_meta.TransferSyntaxUID
+        frames = _frames(ds)
+        if syntax.is_encapsulated:
+            fragments = sum(1 for _ in generate_fragments(value))
+            if fragments < 1:
+                raise ValueError("encapsulated Pixel Data without fragments")
+            return
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
+    except ValueError:
+        raise
+    except Exception as exc:  # missing image attributes, malformed fragments, bad values
+        raise ValueError(f"malformed pixel description: {type(exc).__name__}") from exc
+    if min(rows, columns, samples, bits) < 1:
+        raise ValueError("Rows, Columns, SamplesPerPixel and BitsAllocated must be positive")
+    pixels = rows * columns * samples * frames
+    expected = (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
+    if not expected <= len(value) <= expected + 1:  # one byte of padding to an even length
+        raise ValueError(
+            f"Pixel Data has {len(value)} bytes, Rows x Columns x samples x frames x bytes needs {expected}"
+        )
 
 
 def header_from_encoded(encoded: bytes, path: Path, calling_ae: str, received_at: float) -> InstanceHeader:

@@ -173,6 +173,9 @@ def test_store_returns_dataset_does_not_match_sop_class_when_request_and_data_di
     ds.SOPInstanceUID = "1.2.3.4.5"
     ds.StudyInstanceUID = "1.2.3.4"
     ds.SeriesInstanceUID = "1.2.3.4.1"
+    ds.Rows = ds.Columns = ds.SamplesPerPixel = 1
+    ds.BitsAllocated = 16
+    ds.PixelData = b"\0\0"
     file = _write(tmp_path / "mismatch.dcm", raw_part10(CTImageStorage, "1.2.3.4.5", dataset_bytes(ds)))
 
     assert _send_raw(running_scp.port, CTImageStorage, file) == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
