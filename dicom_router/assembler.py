@@ -3,16 +3,23 @@
 Pure: no clock reads, no I/O, no threads. The caller passes ``now`` in, so the policy is unit-testable
 with explicit times. A study is due when the sender released the association that carried it and a short
 grace window has passed (:meth:`Assembler.association_released`), or, as the fallback for senders that
-trickle, when no new instance came for ``quiet_seconds``. Other signals (required series) can call
-:meth:`Assembler.pop_study` directly.
+trickle, when no new instance came for ``quiet_seconds``. Optional
+:class:`~dicom_router.completion.CompletionRules` add required series, per-series quiet periods and a hard
+deadline (process or discard); :meth:`Assembler.pop_due` says which outcome each due study has. Other
+signals can call :meth:`Assembler.pop_study` directly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
 
 from dicom_router.headers import InstanceHeader
+
+if TYPE_CHECKING:  # completion imports this module (via selection): no runtime import here
+    from dicom_router.completion import CompletionRules
 
 AXIAL = "axial"
 SAGITTAL = "sagittal"
@@ -69,27 +76,59 @@ class Study:
         return sum(len(s.instances) for s in self.series.values())
 
 
+class Outcome(Enum):
+    """Why a study left the assembler: complete, or its hard deadline passed (processed or discarded)."""
+
+    COMPLETE = "complete"
+    DEADLINE_PROCESS = "deadline_process"
+    DEADLINE_DISCARD = "deadline_discard"
+
+    @property
+    def to_process(self) -> bool:
+        """True when the study should be processed (everything but a discard)."""
+        return self is not Outcome.DEADLINE_DISCARD
+
+
 @dataclass
 class _Pending:
     study: Study
+    first_activity: float
     last_activity: float
     series_of: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> Series UID
+    series_activity: dict[str, float] = field(default_factory=dict)  # Series UID -> its last instance
     released_due: float | None = None  # set by an association release, cleared by the next instance
 
 
 class Assembler:
-    """Collects instances per study until its sender's release plus a grace window, or a quiet period."""
+    """Collects instances per study until its sender's release plus a grace window, or a quiet period,
+    and, with ``rules``, until its required series are there or its hard deadline passes.
 
-    def __init__(self, quiet_seconds: float) -> None:
+    ``Assembler(quiet_seconds)`` keeps the plain behaviour. ``Assembler(rules=r)`` takes the study quiet
+    period from ``r.study_quiet_seconds``; passing both requires them to agree."""
+
+    def __init__(self, quiet_seconds: float | None = None, *, rules: CompletionRules | None = None) -> None:
+        if rules is not None:
+            if quiet_seconds is not None and float(quiet_seconds) != rules.study_quiet_seconds:
+                raise ValueError("quiet_seconds differs from rules.study_quiet_seconds: pass one of them")
+            quiet_seconds = rules.study_quiet_seconds
+        if quiet_seconds is None:
+            raise ValueError("quiet_seconds is required without rules")
         if quiet_seconds < 0:
             raise ValueError("quiet_seconds must be >= 0")
         self._quiet = float(quiet_seconds)
+        self._rules = rules
         self._pending: dict[str, _Pending] = {}
+        self._discarded: list[Study] = []
 
     @property
     def quiet_seconds(self) -> float:
         """The quiet period after which a study counts as complete."""
         return self._quiet
+
+    @property
+    def rules(self) -> CompletionRules | None:
+        """The completion rules, or None for release/quiet completion only."""
+        return self._rules
 
     def add(self, header: InstanceHeader, now: float) -> None:
         """Add an instance seen at ``now``. A re-sent SOP Instance UID replaces the earlier header."""
@@ -102,7 +141,9 @@ class Assembler:
                 last_received=header.received_at,
                 calling_ae=header.calling_ae,
             )
-            entry = self._pending[header.study_uid] = _Pending(study=study, last_activity=now)
+            entry = self._pending[header.study_uid] = _Pending(
+                study=study, first_activity=now, last_activity=now
+            )
         study = entry.study
         entry.last_activity = max(entry.last_activity, now)
         entry.released_due = None  # more data: wait for this association's release, or the quiet period
@@ -110,6 +151,7 @@ class Assembler:
         study.last_received = max(study.last_received, header.received_at)
         self._discard_instance(entry, header.sop_instance_uid)
         entry.series_of[header.sop_instance_uid] = header.series_uid
+        entry.series_activity[header.series_uid] = max(now, entry.series_activity.get(header.series_uid, now))
         series = study.series.get(header.series_uid)
         if series is None:
             series = study.series[header.series_uid] = Series(
@@ -136,11 +178,37 @@ class Assembler:
             if entry is not None:
                 entry.released_due = due if entry.released_due is None else min(entry.released_due, due)
 
+    def pop_due(self, now: float) -> list[tuple[Study, Outcome]]:
+        """Remove and return the studies due at ``now`` with their outcome (earliest due first).
+
+        COMPLETE: released or quiet, with the required series. DEADLINE_PROCESS: the hard deadline passed
+        first and the study has its required series, or ``on_deadline`` is ``process``. DEADLINE_DISCARD:
+        the deadline passed, a required series is missing and ``on_deadline`` is ``discard`` (the caller
+        drops the study). Instances arriving later start a new study batch."""
+        due: list[tuple[float, str, Outcome]] = []
+        for uid, entry in self._pending.items():
+            when = self._schedule(entry)
+            if when is not None and now >= when[0]:
+                due.append((when[0], uid, when[1]))
+        due.sort(key=lambda item: (item[0], item[1]))
+        return [(self._pending.pop(uid).study, outcome) for _, uid, outcome in due]
+
     def pop_complete(self, now: float) -> list[Study]:
-        """Remove and return the studies that are due at ``now`` (earliest due first)."""
-        done = [uid for uid, entry in self._pending.items() if now >= self._due(entry)]
-        done.sort(key=lambda uid: (self._due(self._pending[uid]), uid))
-        return [self._pending.pop(uid).study for uid in done]
+        """Remove and return the studies to process at ``now`` (earliest due first): those of
+        :meth:`pop_due` except discarded ones, which are kept for :meth:`take_discarded`."""
+        studies = []
+        for study, outcome in self.pop_due(now):
+            if outcome.to_process:
+                studies.append(study)
+            else:
+                self._discarded.append(study)
+        return studies
+
+    def take_discarded(self) -> list[Study]:
+        """Return and forget the studies :meth:`pop_complete` discarded at their deadline since the last
+        call (oldest first). Callers of :meth:`pop_due` get discards there instead."""
+        discarded, self._discarded = self._discarded, []
+        return discarded
 
     def pop_study(self, study_uid: str) -> Study | None:
         """Remove and return one study now, whatever its quiet time (for other completion signals)."""
@@ -148,8 +216,10 @@ class Assembler:
         return None if entry is None else entry.study
 
     def next_deadline(self) -> float | None:
-        """The earliest time at which a pending study becomes complete, or None when nothing is pending."""
-        return min((self._due(entry) for entry in self._pending.values()), default=None)
+        """The earliest time at which a pending study becomes due (complete or at its hard deadline), or
+        None when nothing is pending."""
+        times = (self._schedule(entry) for entry in self._pending.values())
+        return min((when[0] for when in times if when is not None), default=None)
 
     def pending_study_uids(self) -> list[str]:
         """Study UIDs still being assembled."""
@@ -158,6 +228,25 @@ class Assembler:
     def _due(self, entry: _Pending) -> float:
         quiet_due = entry.last_activity + self._quiet
         return quiet_due if entry.released_due is None else min(quiet_due, entry.released_due)
+
+    def _schedule(self, entry: _Pending) -> tuple[float, Outcome] | None:
+        """When the study becomes due and with which outcome; None when it can only wait for more data."""
+        rules = self._rules
+        if rules is None:
+            return self._due(entry), Outcome.COMPLETE
+        due: float | None = self._due(entry)
+        if rules.has_requirements:
+            series = entry.study.series
+            met = rules.requirements_met_at((s, entry.series_activity[uid]) for uid, s in series.items())
+            due = None if met is None else max(self._due(entry), met)
+        if rules.deadline_seconds is None:
+            return None if due is None else (due, Outcome.COMPLETE)
+        deadline = entry.first_activity + rules.deadline_seconds
+        if due is not None and due <= deadline:
+            return due, Outcome.COMPLETE
+        if due is not None or rules.on_deadline.value == "process":
+            return deadline, Outcome.DEADLINE_PROCESS
+        return deadline, Outcome.DEADLINE_DISCARD
 
     @staticmethod
     def _discard_instance(entry: _Pending, sop_instance_uid: str) -> None:
@@ -168,3 +257,4 @@ class Assembler:
         series.instances = [h for h in series.instances if h.sop_instance_uid != sop_instance_uid]
         if not series.instances:
             del entry.study.series[series_uid]
+            entry.series_activity.pop(series_uid, None)

@@ -66,10 +66,13 @@ def check_pixel_data(ds: Dataset) -> None:
     """Cheap structural check of Pixel Data; ValueError with the reason when it cannot be decoded later."""
     if "PixelData" not in ds:
         raise ValueError("no Pixel Data")
+    declared = ds.get_item("PixelData").length  # as sent, before pydicom read what was there
     try:
         value = ds["PixelData"].value
         if value is None:
             raise ValueError("empty Pixel Data")
+        if declared != 0xFFFFFFFF and declared != len(value):
+            raise ValueError(f"Pixel Data declares {declared} bytes but only {len(value)} were sent")
         syntax = ds.file_meta.TransferSyntaxUID
         frames = _frames(ds)
         if syntax.is_encapsulated:
@@ -79,6 +82,8 @@ def check_pixel_data(ds: Dataset) -> None:
             return
         rows, columns = int(ds.Rows), int(ds.Columns)
         samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
+        if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422":
+            samples = 2  # chroma shared by two pixels: 2 values per pixel on the wire
     except ValueError:
         raise
     except Exception as exc:  # missing image attributes, malformed fragments, bad values
@@ -87,7 +92,7 @@ def check_pixel_data(ds: Dataset) -> None:
         raise ValueError("Rows, Columns, SamplesPerPixel and BitsAllocated must be positive")
     pixels = rows * columns * samples * frames
     expected = (pixels + 7) // 8 if bits == 1 else pixels * ((bits + 7) // 8)
-    if not expected <= len(value) <= expected + 1:  # one byte of padding to an even length
+    if len(value) < expected:  # longer is tolerated (trailing padding), as decoders do
         raise ValueError(
             f"Pixel Data has {len(value)} bytes, Rows x Columns x samples x frames x bytes needs {expected}"
         )
