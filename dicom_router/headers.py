@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_fragments
 
@@ -66,7 +67,8 @@ def check_pixel_data(ds: Dataset) -> None:
     """Cheap structural check of Pixel Data; ValueError with the reason when it cannot be decoded later."""
     if "PixelData" not in ds:
         raise ValueError("no Pixel Data")
-    declared = ds.get_item("PixelData").length  # as sent, before pydicom read what was there
+    raw = ds.get_item("PixelData")  # as sent: its declared length, before pydicom read what was there
+    declared = raw.length if isinstance(raw, RawDataElement) else 0xFFFFFFFF
     try:
         value = ds["PixelData"].value
         if value is None:
