@@ -1,4 +1,5 @@
-"""Assemble a regular 3-D volume from the single-frame instances of one DICOM series.
+"""Assemble a regular 3-D volume from the instances of one DICOM series: single-frame images, or
+Enhanced multi-frame images split into their frames (geometry per frame, see `radai.imaging.multiframe`).
 
 Geometry is checked before any pixel is decoded, so a series that is not a volume is refused cheaply,
 with a one-line reason (`NotAVolumeError`). Tolerances: slice positions may deviate from a uniform grid
@@ -20,6 +21,16 @@ from pydicom.pixels.processing import apply_rescale
 from pydicom.pixels.utils import pixel_array
 
 from radai.errors import NotAVolumeError
+from radai.imaging.multiframe import (
+    Frame,
+    Plane,
+    check_one_stack,
+    decode_frames,
+    frames,
+    is_multiframe,
+    number_of_frames,
+    plane_from,
+)
 
 MIN_SLICES = 3  # two slices cannot show a uniform spacing (and are usually a localiser pair)
 ABS_TOL_MM = 0.01
@@ -27,6 +38,7 @@ REL_TOL = 0.01
 ORIENTATION_TOL = 1e-4
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _GEOMETRY_TAGS = ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "Rows", "Columns")
+_PLANE_TAGS = _GEOMETRY_TAGS[:3]  # in functional groups for multi-frame images
 _OTHER_TAGS = ("PixelData",)
 
 
@@ -37,6 +49,8 @@ class Volume:
     array: NDArray[np.float32]  # (X=columns, Y=rows, Z=slices), after the modality LUT (HU for CT)
     affine: NDArray[np.float64]  # 4x4, voxel (i, j, k) -> RAS mm (nibabel / MONAI convention)
     sop_instance_uids: tuple[str, ...]  # source instance of slice k ("" where the instance has none)
+    # 1-based frame number of slice k within its instance; None when every source is a single-frame image
+    frame_numbers: tuple[int, ...] | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -50,52 +64,41 @@ class Volume:
 
 
 @dataclass(frozen=True)
-class _Plane:
-    row: NDArray[np.float64]  # LPS direction of increasing column index
-    col: NDArray[np.float64]  # LPS direction of increasing row index
-    position: NDArray[np.float64]  # LPS centre of the first transmitted pixel
-    pixel_spacing: tuple[float, float]  # (between rows, between columns), as in PixelSpacing
-    size: tuple[int, int]  # (Rows, Columns)
+class _Slice:
+    """One 2-D image of the volume: its plane, its instance (index into the input) and frame."""
+
+    plane: Plane
+    source: int
+    frame: int | None = None  # 1-based frame number in a multi-frame instance
+    rescale: tuple[float, float] = (1.0, 0.0)  # (slope, intercept) of a frame; single frames use their own
 
 
-def _floats(ds: Dataset, keyword: str, count: int) -> NDArray[np.float64]:
-    value: Any = ds[keyword].value
-    try:
-        out = np.array([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise NotAVolumeError(f"malformed {keyword}: {value!r}") from exc
-    if out.shape != (count,) or not np.all(np.isfinite(out)):
-        raise NotAVolumeError(f"malformed {keyword}: expected {count} finite numbers")
+def _slices(datasets: Sequence[Dataset]) -> list[_Slice]:
+    out: list[_Slice] = []
+    all_frames: list[Frame] = []
+    for i, ds in enumerate(datasets):
+        if is_multiframe(ds):
+            found = frames(ds)
+            all_frames.extend(found)
+            out.extend(_Slice(f.plane, i, f.number, (f.slope, f.intercept)) for f in found)
+        else:
+            out.append(_Slice(plane_from(ds, (int(ds.Rows), int(ds.Columns))), i))
+    check_one_stack(all_frames)
     return out
-
-
-def _plane(ds: Dataset) -> _Plane:
-    iop = _floats(ds, "ImageOrientationPatient", 6)
-    spacing = _floats(ds, "PixelSpacing", 2)
-    if np.any(spacing <= 0):
-        raise NotAVolumeError("malformed PixelSpacing: values must be positive")
-    return _Plane(
-        row=iop[:3],
-        col=iop[3:],
-        position=_floats(ds, "ImagePositionPatient", 3),
-        pixel_spacing=(float(spacing[0]), float(spacing[1])),
-        size=(int(ds.Rows), int(ds.Columns)),
-    )
 
 
 def _check_instances(datasets: Sequence[Dataset]) -> None:
     n = len(datasets)
-    for ds in datasets:
-        frames = int(ds.get("NumberOfFrames") or 1)
-        if frames > 1 or "PerFrameFunctionalGroupsSequence" in ds:
-            raise NotAVolumeError(f"multi-frame images (NumberOfFrames={frames}) are not supported yet")
-    if n < MIN_SLICES:
-        raise NotAVolumeError(f"too few slices: {n} (a volume needs at least {MIN_SLICES})")
+    slices = sum(number_of_frames(ds) for ds in datasets)
+    if slices < MIN_SLICES:
+        raise NotAVolumeError(f"too few slices: {slices} (a volume needs at least {MIN_SLICES})")
     series = {str(ds.get("SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
         raise NotAVolumeError(f"mixed series: instances belong to {len(series)} different series")
+    single = [ds for ds in datasets if not is_multiframe(ds)]  # multi-frame geometry: functional groups
     for keyword in (*_GEOMETRY_TAGS, *_OTHER_TAGS):
-        missing = sum(1 for ds in datasets if keyword not in ds or ds[keyword].is_empty)
+        subset = single if keyword in _PLANE_TAGS else datasets
+        missing = sum(1 for ds in subset if keyword not in ds or ds[keyword].is_empty)
         if missing:
             what = "geometry tag " if keyword in _GEOMETRY_TAGS else ""
             raise NotAVolumeError(f"missing {what}{keyword} in {missing} of {n} instances")
@@ -104,7 +107,7 @@ def _check_instances(datasets: Sequence[Dataset]) -> None:
         raise NotAVolumeError(f"not a greyscale image (SamplesPerPixel={sorted(samples)})")
 
 
-def _check_planes(planes: Sequence[_Plane]) -> NDArray[np.float64]:
+def _check_planes(planes: Sequence[Plane]) -> NDArray[np.float64]:
     """Same orientation and matrix for every slice; return the unit slice normal (LPS)."""
     first = planes[0]
     if any(
@@ -176,7 +179,8 @@ def _pixels(ds: Dataset) -> NDArray[np.float32]:
 def build_volume(datasets: Sequence[Dataset]) -> Volume:
     """Sort the slices along their normal, check the geometry, decode once and apply the rescale."""
     _check_instances(datasets)
-    planes = [_plane(ds) for ds in datasets]
+    slices = _slices(datasets)
+    planes = [s.plane for s in slices]
     normal = _check_planes(planes)
     order = np.argsort([float(p.position @ normal) for p in planes], kind="stable")
     positions = np.array([planes[i].position for i in order])
@@ -186,16 +190,28 @@ def build_volume(datasets: Sequence[Dataset]) -> Volume:
     rows, cols = first.size
     # (Z, Y, X) in C order is written one contiguous slice at a time; its transpose is the (X, Y, Z) view.
     zyx = np.empty((len(order), rows, cols), dtype=np.float32)
+    decoded: dict[int, NDArray[Any]] = {}  # multi-frame instances are decoded once, all frames together
     for k, i in enumerate(order):
-        zyx[k] = _pixels(datasets[i])
+        piece = slices[i]
+        ds = datasets[piece.source]
+        if piece.frame is None:
+            zyx[k] = _pixels(ds)
+            continue
+        if piece.source not in decoded:
+            decoded[piece.source] = decode_frames(ds)
+        slope, intercept = piece.rescale
+        zyx[k] = decoded[piece.source][piece.frame - 1].astype(np.float64) * slope + intercept
 
     lps = np.eye(4)
     lps[:3, 0] = first.row * first.pixel_spacing[1]
     lps[:3, 1] = first.col * first.pixel_spacing[0]
     lps[:3, 2] = (positions[-1] - positions[0]) / (len(order) - 1)
     lps[:3, 3] = positions[0]
+    ordered = [slices[i] for i in order]
+    multi = any(s.frame is not None for s in ordered)
     return Volume(
         array=zyx.transpose(2, 1, 0),
         affine=_LPS_TO_RAS @ lps,
-        sop_instance_uids=tuple(str(datasets[i].get("SOPInstanceUID", "")) for i in order),
+        sop_instance_uids=tuple(str(datasets[s.source].get("SOPInstanceUID", "")) for s in ordered),
+        frame_numbers=tuple(s.frame or 1 for s in ordered) if multi else None,
     )

@@ -7,13 +7,16 @@ import random
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import nibabel
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from radai.errors import NotAVolumeError
+from radai.imaging.multiframe import with_shared_geometry
 from radai.imaging.volume import Volume, build_volume
 
 nib: Any = nibabel  # partial annotations: untyped for mypy --strict
@@ -150,10 +153,151 @@ def test_ge_head_ct_uniform_part_is_refused_for_its_tilt() -> None:
     assert _reasons(uniform) == "gantry tilt or sheared stack: slices step 18.5 degrees off the slice normal"
 
 
-def test_enhanced_multiframe_is_refused_as_not_supported_yet() -> None:
-    for case in ("philips_enhanced", "siemens_multiframe"):
-        reason = _reasons(_read(EDGE / case / "anatomical" / "001"))
-        assert reason == "multi-frame images (NumberOfFrames=8) are not supported yet"
+MULTIFRAME = ("philips_enhanced", "siemens_multiframe")
+
+
+def _enhanced(case: str) -> Dataset:
+    (ds,) = _read(EDGE / case / "anatomical" / "001")
+    return ds
+
+
+@pytest.mark.parametrize("case", MULTIFRAME)
+def test_enhanced_multiframe_matches_highdicom_voxel_for_voxel(case: str) -> None:
+    # no dicom2nifti ground truth ships for these two; highdicom's own multi-frame volume is the reference
+    ds = _enhanced(case)
+    vol = build_volume([ds])
+    assert vol.array.shape == (256, 256, 8)
+    assert vol.sop_instance_uids == (str(ds.SOPInstanceUID),) * 8
+    assert vol.frame_numbers == (1, 2, 3, 4, 5, 6, 7, 8)
+    ref_ds = copy.deepcopy(ds)
+    ref_ds.FrameOfReferenceUID = pydicom.uid.generate_uid()  # highdicom needs one; neither file has it
+    ref: Any = hd.Image.from_dataset(ref_ds).get_volume(apply_real_world_transform=False)
+    grid = np.stack([*np.meshgrid(np.arange(256), np.arange(256), np.arange(8), indexing="ij")])
+    ijk1 = np.vstack([grid.reshape(3, -1), np.ones((1, grid[0].size))])
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ vol.affine @ ijk1
+    index = np.linalg.inv(ref.affine) @ lps  # highdicom: (slice, row, column) -> LPS
+    np.testing.assert_allclose(index, np.round(index), atol=1e-3)
+    k, r, c = np.round(index[:3]).astype(int)
+    np.testing.assert_allclose(vol.array.ravel(), ref.array[k, r, c], rtol=1e-6, atol=1e-4)
+
+
+def test_enhanced_frames_carry_their_own_position_and_rescale() -> None:
+    ds = _enhanced("philips_enhanced")
+    vol = build_volume([ds])
+    lps_to_ras = np.array([-1.0, -1.0, 1.0])
+    raw = ds.pixel_array
+    for k, number in enumerate(vol.frame_numbers or ()):
+        item = ds.PerFrameFunctionalGroupsSequence[number - 1]
+        position = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        ras = (vol.affine @ np.array([0.0, 0.0, k, 1.0]))[:3]
+        np.testing.assert_allclose(ras, np.array(position) * lps_to_ras, atol=1e-4)
+        slope = float(item.PixelValueTransformationSequence[0].RescaleSlope)  # 4.2588..., per frame
+        expected = (raw[number - 1] * slope).astype(np.float32)
+        np.testing.assert_allclose(vol.array[:, :, k], expected.T, rtol=1e-6)
+    changed = copy.deepcopy(ds)
+    changed.PerFrameFunctionalGroupsSequence[2].PixelValueTransformationSequence[0].RescaleIntercept = 100
+    shifted = build_volume([changed])
+    k = (vol.frame_numbers or ()).index(3)
+    np.testing.assert_allclose(shifted.array[:, :, k], vol.array[:, :, k] + 100, rtol=1e-6)
+    others = [i for i in range(8) if i != k]
+    np.testing.assert_array_equal(shifted.array[:, :, others], vol.array[:, :, others])
+
+
+def test_shared_orientation_and_pixel_measures_give_the_same_volume() -> None:
+    ds = _enhanced("siemens_multiframe")  # every group per frame: move the constant ones to shared
+    moved = copy.deepcopy(ds)
+    shared = Dataset()
+    for keyword in ("PlaneOrientationSequence", "PixelMeasuresSequence", "PixelValueTransformationSequence"):
+        setattr(shared, keyword, copy.deepcopy(moved.PerFrameFunctionalGroupsSequence[0][keyword].value))
+        for item in moved.PerFrameFunctionalGroupsSequence:
+            delattr(item, keyword)
+    moved.SharedFunctionalGroupsSequence = [shared]
+    a, b = build_volume([ds]), build_volume([moved])
+    np.testing.assert_array_equal(a.array, b.array)
+    np.testing.assert_allclose(a.affine, b.affine)
+
+
+def _split(ds: Dataset, numbers: list[int]) -> Dataset:
+    """A new instance of the same series holding the given frames (native pixel data)."""
+    part = copy.deepcopy(ds)
+    frame_bytes = int(ds.Rows) * int(ds.Columns) * int(ds.BitsAllocated) // 8
+    part.PixelData = b"".join(ds.PixelData[(n - 1) * frame_bytes : n * frame_bytes] for n in numbers)
+    part.PerFrameFunctionalGroupsSequence = [ds.PerFrameFunctionalGroupsSequence[n - 1] for n in numbers]
+    part.NumberOfFrames = len(numbers)
+    part.SOPInstanceUID = pydicom.uid.generate_uid()
+    return part
+
+
+def test_a_series_of_several_multiframe_instances_names_instance_and_frame_per_slice() -> None:
+    ds = _enhanced("philips_enhanced")
+    whole = build_volume([ds])
+    a, b = _split(ds, [1, 3, 5, 7]), _split(ds, [8, 6, 4, 2])
+    parts = build_volume([b, a])
+    np.testing.assert_array_equal(parts.array, whole.array)
+    np.testing.assert_allclose(parts.affine, whole.affine)
+    assert parts.sop_instance_uids == tuple(str(x.SOPInstanceUID) for x in (a, b, a, b, a, b, a, b))
+    assert parts.frame_numbers == (1, 4, 2, 3, 3, 2, 4, 1)
+
+
+def test_single_frame_volumes_have_no_frame_numbers(mr_slices: list[Dataset]) -> None:
+    assert build_volume(mr_slices).frame_numbers is None
+
+
+@pytest.mark.parametrize(
+    ("keyword", "values", "what"),
+    [
+        ("StackID", ["1", "2"], "2 stacks (StackID 1, 2)"),
+        ("TemporalPositionIndex", [1, 2], "2 temporal positions (TemporalPositionIndex 1, 2)"),
+    ],
+)
+def test_multiframe_with_two_stacks_is_refused_naming_the_key(
+    keyword: str, values: list[Any], what: str
+) -> None:
+    ds = copy.deepcopy(_enhanced("philips_enhanced"))
+    for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        setattr(item.FrameContentSequence[0], keyword, values[i % 2])
+    assert _reasons([ds]) == (
+        f"multi-frame data holds {what}; one volume needs a single stack, send each as its own series"
+    )
+
+
+def test_multiframe_with_two_echoes_is_refused() -> None:
+    ds = copy.deepcopy(_enhanced("siemens_multiframe"))
+    ds.PerFrameFunctionalGroupsSequence[5].MREchoSequence[0].EffectiveEchoTime = 5.0
+    assert _reasons([ds]).startswith("multi-frame data holds 2 echoes (EffectiveEchoTime 2.46, 5.0)")
+
+
+def test_multiframe_with_mixed_frame_orientations_is_refused() -> None:
+    ds = copy.deepcopy(_enhanced("philips_enhanced"))
+    ds.PerFrameFunctionalGroupsSequence[4].PlaneOrientationSequence[0].ImageOrientationPatient = [
+        1,
+        0,
+        0,
+        0,
+        1,
+        0,
+    ]
+    assert _reasons([ds]) == "mixed orientations: 2 distinct ImageOrientationPatient values"
+
+
+def test_multiframe_frame_without_position_is_refused_naming_the_frame() -> None:
+    ds = copy.deepcopy(_enhanced("philips_enhanced"))
+    del ds.PerFrameFunctionalGroupsSequence[2].PlanePositionSequence
+    assert _reasons([ds]) == "frame 3: no PlanePositionSequence (neither per-frame nor shared)"
+
+
+def test_multiframe_without_functional_groups_is_refused() -> None:
+    ds = copy.deepcopy(_enhanced("siemens_multiframe"))
+    del ds.PerFrameFunctionalGroupsSequence
+    assert _reasons([ds]) == (
+        "multi-frame image without per-frame functional groups (NumberOfFrames=8): no per-frame geometry"
+    )
+
+
+def test_multiframe_with_pixel_data_shorter_than_its_frames_is_refused() -> None:
+    ds = copy.deepcopy(_enhanced("philips_enhanced"))
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    assert _reasons([ds]).startswith("pixel data could not be decoded")
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +367,60 @@ def test_uncompressed_anatomical_series_builds_with_the_same_geometry(mr_slices:
     assert plain.array.shape == (256, 256, 4)
     assert 0 <= plain.array.min() < plain.array.max() <= 4095
     np.testing.assert_allclose(plain.affine, compressed.affine)
+
+
+@pytest.mark.parametrize("case", MULTIFRAME)
+def test_a_multiframe_volume_can_source_a_highdicom_seg_that_references_its_frames(case: str) -> None:
+    # what results/seg.py needs for a multi-frame source: labels reordered by frame number, and the shared
+    # geometry highdicom 0.28 reads; the samples lack a frame of reference and type 2 patient attributes
+    ds = copy.deepcopy(_enhanced(case))
+    ds.FrameOfReferenceUID = pydicom.uid.generate_uid()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber"):
+        setattr(ds, keyword, ds.get(keyword, ""))
+    vol = build_volume([ds])
+    labels = (vol.array > np.percentile(vol.array, 80)).astype(np.uint8)  # (X, Y, Z)
+    frames = np.zeros((8, 256, 256), dtype=np.uint8)
+    frames[np.array(vol.frame_numbers) - 1] = labels.transpose(2, 1, 0)
+    source = with_shared_geometry(ds)
+    assert ("SharedFunctionalGroupsSequence" in ds) == (case == "philips_enhanced")  # ds itself unchanged
+    description = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label="bright",
+        segmented_property_category=codes.SCT.Tissue,
+        segmented_property_type=codes.SCT.Tissue,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="test", family=codes.DCM.ArtificialIntelligence, version="1"
+        ),
+    )
+    seg = hd.seg.Segmentation(
+        source_images=[source],
+        pixel_array=frames,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[description],
+        series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=901,
+        sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1,
+        manufacturer="radai",
+        manufacturer_model_name="test",
+        software_versions="1",
+        device_serial_number="1",
+    )
+    assert int(seg.NumberOfFrames) == 8
+    for item in seg.PerFrameFunctionalGroupsSequence:
+        (ref,) = item.DerivationImageSequence[0].SourceImageSequence
+        assert ref.ReferencedSOPInstanceUID == ds.SOPInstanceUID
+        number = int(ref.ReferencedFrameNumber)
+        source_item = ds.PerFrameFunctionalGroupsSequence[number - 1]
+        np.testing.assert_allclose(
+            [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient],
+            [float(v) for v in source_item.PlanePositionSequence[0].ImagePositionPatient],
+            atol=1e-3,
+        )
+    decoded = seg.pixel_array
+    assert decoded.shape == (8, 256, 256)
+    k_of = {number: k for k, number in enumerate(vol.frame_numbers or ())}
+    for f, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        number = int(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        np.testing.assert_array_equal(decoded[f], labels[:, :, k_of[number]].T)
