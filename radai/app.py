@@ -1,8 +1,9 @@
 """Composition root: builds the server from settings and starts/stops it in order.
 
-Start-up order: store -> models (each validated with its reference check) -> schedulers -> workflow ->
-DICOM receiver -> HTTP. Shutdown in reverse, draining: the receiver stops taking studies, running jobs
-finish, schedulers resolve every pending patch.
+Start-up order: store -> models (each validated with its reference check) -> schedulers -> delivery queue
+(resuming what a stopped process left) -> workflow -> DICOM receiver -> HTTP. Shutdown in reverse, draining:
+the receiver stops taking studies, running jobs finish (their results stay queued on disk), the delivery
+workers finish their current attempt, schedulers resolve every pending patch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from dicom_router.receiver import Receiver
 from radai.config import Settings
+from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy
 from radai.errors import ConfigError, ModelPackageError, RadaiError
 from radai.models.registry import ModelPackage, RunnerFactory, discover, reference_check
 from radai.ports import ModelRunner
@@ -80,16 +82,36 @@ class Server:
             self._schedulers[pkg.key] = scheduler
             log.info("model %s ready (%s, %s)", pkg.key, pkg.card.runtime.backend, describe(runner))
             slots[pkg.key] = ModelSlot(package=pkg, inferer=scheduler)
-        senders = [DicomSender(d, settings.dicom.ae_title) for d in settings.destinations]
+        names = [d.name for d in settings.destinations]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"invalid setting 'destinations': names must be unique ({', '.join(names)})")
+        senders = [
+            DicomSender(
+                d,
+                settings.dicom.ae_title,
+                timeout_s=settings.delivery.timeout_seconds,
+                echo_timeout_s=settings.delivery.echo_timeout_seconds,
+            )
+            for d in settings.destinations
+        ]
         if not senders:
             log.warning("no destinations configured: results will be computed but not sent anywhere")
+        self.delivery = DeliveryService(
+            self.store,
+            senders,
+            Outbox(settings.storage.data_dir / "outbox"),
+            {d.name: RetryPolicy.from_settings(d) for d in settings.destinations},
+            poll_seconds=settings.delivery.poll_seconds,
+        )
+        self.probe = DestinationProbe(senders, ttl_seconds=settings.delivery.echo_cache_seconds)
         self.workflow = Workflow(
             slots,
-            senders,
+            self.delivery,
             self.store,
             workers=settings.scheduler.job_workers,
             release_instances=self._release,
         )
+        self.delivery.add_listener(self.workflow.delivery_settled)
         self.receiver = Receiver(
             settings.dicom.ae_title,
             settings.dicom.host,
@@ -110,18 +132,24 @@ class Server:
                 log.warning("could not remove a spooled instance: %s", exc.strerror)
 
     def readiness(self) -> dict[str, bool]:
+        """The checks of /readyz. `destination:<name>` (a cached C-ECHO) is reported but does not decide
+        readiness: a PACS that is down must not take radai out of service (the queue holds its results)."""
         spool = self.settings.storage.spool_dir
         return {
             "spool_writable": spool.is_dir() and os.access(spool, os.W_OK),
             "database": self.store.ping(),
             "models_loaded": bool(self._schedulers),
             "disk_free": shutil.disk_usage(spool if spool.is_dir() else Path.cwd()).free > 100 * 1024 * 1024,
+            **self.probe.checks(),
         }
 
     def start(self) -> None:
         self.settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
         for s in self._schedulers.values():
             s.start()
+        self.delivery.start()  # resumes the deliveries a stopped process left
+        for job_id in self.store.unsettled_jobs():
+            self.workflow.delivery_settled(job_id)
         self.receiver.start()
         log.info(
             "radai listening as %s on %s:%d; models: %s",
@@ -135,6 +163,7 @@ class Server:
         log.info("radai stopping: no new associations; finishing running jobs")
         self.receiver.stop()
         self.workflow.close()
+        self.delivery.stop()
         for s in self._schedulers.values():
             s.stop()
         self.store.close()

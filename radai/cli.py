@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="radai: radiology AI inference server.")
 models_app = typer.Typer(no_args_is_help=True, help="Model packages: list and validate.")
-studies_app = typer.Typer(no_args_is_help=True, help="Studies received and their jobs.")
+studies_app = typer.Typer(no_args_is_help=True, help="Studies received, their jobs and deliveries.")
 app.add_typer(models_app, name="models")
 app.add_typer(studies_app, name="studies")
 
@@ -139,10 +139,30 @@ def studies_list(
 def studies_show(
     uid: Annotated[str, typer.Argument(help="StudyInstanceUID")], config: ConfigOpt = None
 ) -> None:
-    """Show one study: its jobs, stage timestamps, batches and outcome."""
+    """Show one study: its jobs, stage timestamps, batches, outcome, and each delivery's state per
+    destination (attempts, next attempt, last error)."""
     from dataclasses import asdict
 
     typer.echo(json.dumps(asdict(_store(config).get_study(uid)), indent=2, default=str))
+
+
+@studies_app.command("retry")
+def studies_retry(
+    uid: Annotated[str, typer.Argument(help="StudyInstanceUID")], config: ConfigOpt = None
+) -> None:
+    """Queue a study's dead-lettered deliveries again (attempts reset); a running server sends them."""
+    import time
+
+    from radai.errors import NotFoundError
+
+    store = _store(config)
+    try:
+        count = store.retry_dead(uid, time.time())
+    finally:
+        store.close()
+    if not count:
+        raise NotFoundError(f"study {uid} has no dead-lettered deliveries")
+    typer.echo(f"queued {count} dead-lettered deliveries again; a running `radai serve` sends them")
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from radai.errors import ConfigError
@@ -28,13 +28,46 @@ class DicomSettings(BaseModel):
 
 
 class DestinationSettings(BaseModel):
+    """A PACS that receives results, and how its outbound queue retries: attempt n (1-based) that fails is
+    retried after min(backoff_max_seconds, backoff_initial_seconds * backoff_factor**(n-1)); after
+    max_attempts failed attempts the delivery is dead-lettered (`radai studies retry UID` queues it again).
+    The older keys `retries` (extra attempts) and `backoff_seconds` are accepted: they set max_attempts to
+    retries + 1 and backoff_initial_seconds, unless those are given too."""
+
     model_config = _SECTION
     name: str = Field(min_length=1, max_length=64)
     ae_title: str = Field(pattern=_AE)
     host: str
     port: int = Field(ge=1, le=65535)
-    retries: int = Field(default=3, ge=0, le=20)
-    backoff_seconds: float = Field(default=2.0, ge=0.0)
+    max_attempts: int = Field(default=20, ge=1, le=1000)
+    backoff_initial_seconds: float = Field(default=2.0, ge=0.0, le=86400.0)
+    backoff_factor: float = Field(default=2.0, ge=1.0, le=10.0)
+    backoff_max_seconds: float = Field(default=300.0, ge=0.0, le=86400.0)
+    retries: int | None = Field(default=None, ge=0, le=999)
+    backoff_seconds: float | None = Field(default=None, ge=0.0, le=86400.0)
+
+    @model_validator(mode="after")
+    def _map_legacy_keys(self) -> DestinationSettings:
+        given = self.model_fields_set
+        if self.retries is not None and "max_attempts" not in given:
+            self.max_attempts = self.retries + 1
+        if self.backoff_seconds is not None and "backoff_initial_seconds" not in given:
+            self.backoff_initial_seconds = self.backoff_seconds
+        return self
+
+
+class DeliverySettings(BaseModel):
+    """The outbound queue's workers and the destination checks of /readyz."""
+
+    model_config = _SECTION
+    # How often each destination's worker looks for due deliveries (it is also woken on enqueue); this is
+    # how soon a `radai studies retry` from the command line is picked up.
+    poll_seconds: float = Field(default=0.5, gt=0.0, le=60.0)
+    # Network timeout of one delivery attempt (association, each C-STORE).
+    timeout_seconds: float = Field(default=30.0, gt=0.0, le=3600.0)
+    # /readyz C-ECHOes each destination at most this often, with this timeout.
+    echo_cache_seconds: float = Field(default=10.0, ge=0.0, le=3600.0)
+    echo_timeout_seconds: float = Field(default=3.0, gt=0.0, le=60.0)
 
 
 class CompletionSettings(BaseModel):
@@ -106,6 +139,7 @@ class Settings(BaseSettings):
 
     dicom: DicomSettings = DicomSettings()
     destinations: list[DestinationSettings] = Field(default_factory=list)
+    delivery: DeliverySettings = DeliverySettings()
     completion: CompletionSettings = CompletionSettings()
     storage: StorageSettings = StorageSettings()
     api: ApiSettings = ApiSettings()

@@ -69,7 +69,33 @@ QUEUE_DEPTH = Gauge(
 )
 DELIVERIES = Counter(
     "radai_deliveries_total",
-    "Result deliveries, by destination and outcome",
+    "Delivery attempts of one job's results to one destination, by outcome: delivered, retry (failed, "
+    "queued again after a back-off), dead (failed past the retry limit)",
     ["destination", "outcome"],
+    registry=REGISTRY,
+)
+DELIVERY_SECONDS = Histogram(
+    "radai_delivery_attempt_seconds",
+    "Time one delivery attempt takes (association and every C-STORE), by destination and outcome",
+    ["destination", "outcome"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+DELIVERIES_PENDING = Gauge(
+    "radai_deliveries_pending",
+    "Deliveries queued or being sent, per destination",
+    ["destination"],
+    registry=REGISTRY,
+)
+DELIVERIES_DEAD = Gauge(
+    "radai_deliveries_dead",
+    "Dead-lettered deliveries (past the retry limit, waiting for `radai studies retry`), per destination",
+    ["destination"],
+    registry=REGISTRY,
+)
+DESTINATION_UP = Gauge(
+    "radai_destination_up",
+    "1 when the destination answered the last C-ECHO of the readiness check, else 0",
+    ["destination"],
     registry=REGISTRY,
 )

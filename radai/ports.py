@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 
-from radai.domain import JobSpec, JobState, Stage, StudyRecord, StudyState
+from radai.domain import (
+    DeliveryRecord,
+    DeliveryState,
+    JobRecord,
+    JobSpec,
+    JobState,
+    Stage,
+    StudyRecord,
+    StudyState,
+)
 
 
 class ModelRunner(Protocol):
@@ -27,6 +37,10 @@ class ResultSender(Protocol):
     def name(self) -> str: ...
 
     def send(self, datasets: Sequence[Dataset]) -> None: ...
+
+    def echo(self) -> bool:
+        """Whether the destination answers now (C-ECHO for DICOM peers); never raises."""
+        ...
 
 
 class Clock(Protocol):
@@ -54,8 +68,58 @@ class JobStore(Protocol):
 
     def get_study(self, study_uid: str) -> StudyRecord: ...
 
+    def get_job(self, job_id: str) -> JobRecord: ...
+
+    def settle_job(self, job_id: str, at: float) -> JobState | None: ...
+
+    def settle_study(self, study_uid: str) -> StudyState | None: ...
+
+    def remember_spool(self, study_uid: str, paths: Sequence[Path]) -> None: ...
+
+    def spool_paths(self, study_uid: str) -> list[Path]: ...
+
+    def forget_spool(self, study_uid: str) -> None: ...
+
+
+class DeliveryQueue(Protocol):
+    """The persistent outbound queue: one row per (job, destination) (SQLite embedded)."""
+
+    def enqueue_delivery(
+        self, job_id: str, study_uid: str, destination: str, files: Sequence[str], at: float
+    ) -> DeliveryState: ...
+
+    def claim_delivery(self, destination: str, now: float) -> DeliveryRecord | None: ...
+
+    def update_delivery(
+        self,
+        job_id: str,
+        destination: str,
+        state: DeliveryState,
+        attempts: int,
+        next_attempt_at: float,
+        error: str,
+        at: float,
+    ) -> None: ...
+
+    def resume_deliveries(self) -> int: ...
+
+    def deliveries_for_job(self, job_id: str) -> tuple[DeliveryRecord, ...]: ...
+
+    def count_deliveries(self, destination: str, state: DeliveryState) -> int: ...
+
+    def retry_dead(self, study_uid: str, at: float) -> int: ...
+
 
 class PatchInferer(Protocol):
     """Runs patches of one job through a model's batching scheduler (blocking the calling job thread)."""
 
     def infer(self, job_id: str, patches: NDArray[np.float32]) -> NDArray[np.float32]: ...
+
+
+class ResultDelivery(Protocol):
+    """Takes a job's results for delivery to every destination (radai.delivery: a persistent queue)."""
+
+    @property
+    def destinations(self) -> tuple[str, ...]: ...
+
+    def submit(self, job_id: str, study_uid: str, datasets: Sequence[Dataset]) -> None: ...

@@ -21,8 +21,19 @@ class Stage(StrEnum):
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
-    DELIVERED = "delivered"
+    DELIVERING = "delivering"  # results encoded, waiting in the outbound queue of at least one destination
+    DELIVERED = "delivered"  # every destination acknowledged every result
     FAILED = "failed"
+    DEAD_LETTER = "dead-letter"  # a destination refused or was unreachable past its retry limit
+
+
+class DeliveryState(StrEnum):
+    """One (job, destination) delivery in the outbound queue."""
+
+    QUEUED = "queued"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    DEAD = "dead"  # past the retry limit; `radai studies retry UID` queues it again
 
 
 class StudyState(StrEnum):
@@ -30,6 +41,7 @@ class StudyState(StrEnum):
     PROCESSING = "processing"
     DONE = "done"  # every job delivered
     FAILED = "failed"  # at least one job failed
+    DEAD_LETTER = "dead-letter"  # results computed, a destination past its retry limit (re-triable)
     NO_MATCH = "no-match"  # no model accepted any series
 
 
@@ -55,6 +67,21 @@ class JobSpec:
 
 
 @dataclass(frozen=True)
+class DeliveryRecord:
+    """The state of one job's results towards one destination."""
+
+    job_id: str
+    destination: str
+    study_uid: str
+    state: DeliveryState
+    attempts: int
+    next_attempt_at: float
+    last_error: str = ""
+    files: tuple[str, ...] = ()
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class JobRecord:
     job_id: str
     study_uid: str
@@ -66,6 +93,7 @@ class JobRecord:
     batches: int = 0
     shared_batches: int = 0  # batches that also held patches of other jobs
     outputs: tuple[str, ...] = ()
+    deliveries: tuple[DeliveryRecord, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""SQLite job store: one row per study and per (study, series, model) job, with stage timestamps.
+"""SQLite job store: one row per study and per (study, series, model) job, with stage timestamps, and the
+outbound delivery queue: one row per (job, destination).
 
 Thread-safe through one connection guarded by a lock (writes are tiny; WAL keeps readers such as the CLI
 off the writer's back).
@@ -9,10 +10,20 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
-from radai.domain import JobRecord, JobSpec, JobState, Stage, StudyRecord, StudyState
+from radai.domain import (
+    DeliveryRecord,
+    DeliveryState,
+    JobRecord,
+    JobSpec,
+    JobState,
+    Stage,
+    StudyRecord,
+    StudyState,
+)
 from radai.errors import NotFoundError
 
 _SCHEMA = """
@@ -39,7 +50,27 @@ CREATE TABLE IF NOT EXISTS jobs (
     outputs TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs(study_uid);
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    files TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (job_id, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS deliveries_by_study ON deliveries(study_uid);
+CREATE TABLE IF NOT EXISTS study_spool (
+    study_uid TEXT PRIMARY KEY,
+    paths TEXT NOT NULL
+);
 """
+
+_PENDING = (DeliveryState.QUEUED.value, DeliveryState.SENDING.value)
 
 
 class SqliteJobStore:
@@ -56,6 +87,18 @@ class SqliteJobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """Lock + an IMMEDIATE transaction: atomic against this process's threads and against the CLI."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def ping(self) -> bool:
         with self._lock:
@@ -147,9 +190,14 @@ class SqliteJobStore:
                 batches=r["batches"],
                 shared_batches=r["shared_batches"],
                 outputs=tuple(json.loads(r["outputs"])),
+                deliveries=self._deliveries(r["job_id"]),
             )
             for r in rows.fetchall()
         )
+
+    def _deliveries(self, job_id: str) -> tuple[DeliveryRecord, ...]:
+        rows = self._db.execute("SELECT * FROM deliveries WHERE job_id=? ORDER BY destination", (job_id,))
+        return tuple(_delivery(r) for r in rows.fetchall())
 
     def _study(self, r: sqlite3.Row) -> StudyRecord:
         return StudyRecord(
@@ -177,3 +225,212 @@ class SqliteJobStore:
             if row is None:
                 raise NotFoundError(f"no study {study_uid}")
             return self._study(row)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute("SELECT study_uid FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+            if row is None:
+                raise NotFoundError(f"no job {job_id}")
+            (job,) = [j for j in self._jobs(row["study_uid"]) if j.job_id == job_id]
+            return job
+
+    # -- job and study settlement (after the outbound queue has acknowledged or given up) ----------------------
+
+    def settle_job(self, job_id: str, at: float) -> JobState | None:
+        """Once no delivery of a delivering job is pending: DELIVERED if all were acknowledged, else
+        DEAD_LETTER. Returns the new state when this call changed it (exactly one caller wins)."""
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE job_id=?", (job_id,)).fetchone()
+            if row is None or row["state"] not in (JobState.DELIVERING.value, JobState.DEAD_LETTER.value):
+                return None
+            rows = db.execute("SELECT * FROM deliveries WHERE job_id=?", (job_id,)).fetchall()
+            states = {r["state"] for r in rows}
+            if states & set(_PENDING):
+                return None
+            dead = [r for r in rows if r["state"] == DeliveryState.DEAD.value]
+            new = JobState.DEAD_LETTER if dead else JobState.DELIVERED
+            if new.value == row["state"]:
+                return None
+            reason = "; ".join(
+                f"delivery to {r['destination']} dead-lettered after {r['attempts']} attempt(s): {r['last_error']}"
+                for r in dead
+            )[:500]
+            db.execute("UPDATE jobs SET state=?, reason=? WHERE job_id=?", (new.value, reason, job_id))
+            if new is JobState.DELIVERED:
+                db.execute(
+                    "UPDATE jobs SET stages=json_set(stages, ?, ?) WHERE job_id=?",
+                    (f"$.{Stage.DELIVERED.value}", at, job_id),
+                )
+            return new
+
+    def settle_study(self, study_uid: str) -> StudyState | None:
+        """Once every job of a processing study is final: DONE, DEAD_LETTER (re-triable) or FAILED.
+        Returns the new state when this call changed it."""
+        with self._transaction() as db:
+            row = db.execute("SELECT state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+            if row is None or row["state"] not in (StudyState.PROCESSING.value, StudyState.DEAD_LETTER.value):
+                return None
+            states = {
+                r["state"] for r in db.execute("SELECT state FROM jobs WHERE study_uid=?", (study_uid,))
+            }
+            final = {JobState.DELIVERED.value, JobState.FAILED.value, JobState.DEAD_LETTER.value}
+            if not states or not states <= final:
+                return None
+            if JobState.DEAD_LETTER.value in states:
+                new = StudyState.DEAD_LETTER
+            elif JobState.FAILED.value in states:
+                new = StudyState.FAILED
+            else:
+                new = StudyState.DONE
+            if new.value == row["state"]:
+                return None
+            db.execute("UPDATE studies SET state=? WHERE study_uid=?", (new.value, study_uid))
+            return new
+
+    def unsettled_jobs(self) -> list[str]:
+        """Delivering jobs with nothing left in the queue (e.g. the process stopped between the two)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id FROM jobs j WHERE state=? AND NOT EXISTS (SELECT 1 FROM deliveries d "
+                "WHERE d.job_id=j.job_id AND d.state IN (?,?))",
+                (JobState.DELIVERING.value, *_PENDING),
+            ).fetchall()
+            return [r["job_id"] for r in rows]
+
+    def remember_spool(self, study_uid: str, paths: Sequence[Path]) -> None:
+        """The spooled instances to release once the study's results are delivered (survives a restart)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO study_spool VALUES (?,?) ON CONFLICT(study_uid) DO UPDATE SET paths=excluded.paths",
+                (study_uid, json.dumps(sorted({str(p) for p in paths}))),
+            )
+
+    def spool_paths(self, study_uid: str) -> list[Path]:
+        with self._lock:
+            row = self._db.execute("SELECT paths FROM study_spool WHERE study_uid=?", (study_uid,)).fetchone()
+            return [Path(p) for p in json.loads(row["paths"])] if row is not None else []
+
+    def forget_spool(self, study_uid: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM study_spool WHERE study_uid=?", (study_uid,))
+
+    # -- the outbound queue ---------------------------------------------------------------------------------
+
+    def enqueue_delivery(
+        self, job_id: str, study_uid: str, destination: str, files: Sequence[str], at: float
+    ) -> DeliveryState:
+        """One row per (job, destination), never two. A pending row is kept as it is (the files are the same,
+        deterministic results); a delivered or dead row is queued again with its attempts reset (a re-sent
+        study: the PACS overwrites the same SOP instances). Returns the row's state afterwards."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO deliveries (job_id, destination, study_uid, files, state, attempts, next_attempt_at, "
+                "updated_at) VALUES (?,?,?,?,?,0,?,?) ON CONFLICT(job_id, destination) DO UPDATE SET "
+                "files=excluded.files, state=excluded.state, attempts=0, next_attempt_at=excluded.next_attempt_at, "
+                "last_error='', updated_at=excluded.updated_at WHERE deliveries.state NOT IN (?,?)",
+                (
+                    job_id,
+                    destination,
+                    study_uid,
+                    json.dumps(list(files)),
+                    DeliveryState.QUEUED.value,
+                    at,
+                    at,
+                    *_PENDING,
+                ),
+            )
+            row = db.execute(
+                "SELECT state FROM deliveries WHERE job_id=? AND destination=?", (job_id, destination)
+            ).fetchone()
+            return DeliveryState(row["state"])
+
+    def claim_delivery(self, destination: str, now: float) -> DeliveryRecord | None:
+        """The oldest due queued delivery for `destination`, switched to SENDING; None when nothing is due."""
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT * FROM deliveries WHERE destination=? AND state=? AND next_attempt_at<=? "
+                "ORDER BY next_attempt_at, rowid LIMIT 1",
+                (destination, DeliveryState.QUEUED.value, now),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE deliveries SET state=?, updated_at=? WHERE job_id=? AND destination=?",
+                (DeliveryState.SENDING.value, now, row["job_id"], destination),
+            )
+            return _delivery(row, DeliveryState.SENDING)
+
+    def update_delivery(
+        self,
+        job_id: str,
+        destination: str,
+        state: DeliveryState,
+        attempts: int,
+        next_attempt_at: float,
+        error: str,
+        at: float,
+    ) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE deliveries SET state=?, attempts=?, next_attempt_at=?, last_error=?, updated_at=? "
+                "WHERE job_id=? AND destination=?",
+                (state.value, attempts, next_attempt_at, error[:500], at, job_id, destination),
+            )
+
+    def resume_deliveries(self) -> int:
+        """At start-up: deliveries left SENDING by a stopped process are queued again (sent again: an overwrite)."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE deliveries SET state=? WHERE state=?",
+                (DeliveryState.QUEUED.value, DeliveryState.SENDING.value),
+            )
+            return cur.rowcount
+
+    def deliveries_for_job(self, job_id: str) -> tuple[DeliveryRecord, ...]:
+        with self._lock:
+            return self._deliveries(job_id)
+
+    def count_deliveries(self, destination: str, state: DeliveryState) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT COUNT(*) AS n FROM deliveries WHERE destination=? AND state=?",
+                (destination, state.value),
+            ).fetchone()
+            return int(row["n"])
+
+    def retry_dead(self, study_uid: str, at: float) -> int:
+        """Queue a study's dead deliveries again with attempts reset; its jobs and the study go back to
+        delivering / processing. Returns how many deliveries were queued."""
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM studies WHERE study_uid=?", (study_uid,)).fetchone() is None:
+                raise NotFoundError(f"no study {study_uid}")
+            cur = db.execute(
+                "UPDATE deliveries SET state=?, attempts=0, next_attempt_at=?, last_error='', updated_at=? "
+                "WHERE study_uid=? AND state=?",
+                (DeliveryState.QUEUED.value, at, at, study_uid, DeliveryState.DEAD.value),
+            )
+            count = cur.rowcount
+            if count:
+                db.execute(
+                    "UPDATE jobs SET state=?, reason='' WHERE study_uid=? AND state=?",
+                    (JobState.DELIVERING.value, study_uid, JobState.DEAD_LETTER.value),
+                )
+                db.execute(
+                    "UPDATE studies SET state=? WHERE study_uid=? AND state=?",
+                    (StudyState.PROCESSING.value, study_uid, StudyState.DEAD_LETTER.value),
+                )
+            return count
+
+
+def _delivery(r: sqlite3.Row, state: DeliveryState | None = None) -> DeliveryRecord:
+    return DeliveryRecord(
+        job_id=r["job_id"],
+        destination=r["destination"],
+        study_uid=r["study_uid"],
+        state=state or DeliveryState(r["state"]),
+        attempts=r["attempts"],
+        next_attempt_at=r["next_attempt_at"],
+        last_error=r["last_error"],
+        files=tuple(json.loads(r["files"])),
+        updated_at=r["updated_at"],
+    )

@@ -1,8 +1,10 @@
-"""The workflow on real series (in process): a complete study -> jobs -> SEG + SR to a destination, or a job
-that fails with a stated reason. The runtime is the real ONNX Runtime with the bundled CT model."""
+"""The workflow on real series (in process): a complete study -> jobs -> SEG + SR through the outbound queue to
+a destination, or a job that fails with a stated reason. The runtime is the real ONNX Runtime with the bundled
+CT model."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +14,8 @@ import pytest
 from dicom_router.assembler import Assembler, Study
 from dicom_router.headers import read_header
 from radai.config import bundled_models_dir
-from radai.domain import JobState, StudyState
+from radai.delivery import DeliveryService, Outbox, RetryPolicy
+from radai.domain import DeliveryState, JobState, StudyState
 from radai.models.registry import open_package
 from radai.runtime import create_runner
 from radai.scheduling.loop import Scheduler
@@ -36,6 +39,17 @@ def study_from(folder: Path) -> Study:
     return study
 
 
+def settled(store: SqliteJobStore, study_uid: str, timeout: float = 60.0) -> StudyState:
+    """The study's state once it is final (the delivery workers run in their own threads)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = store.get_study(study_uid).state
+        if state in (StudyState.DONE, StudyState.FAILED, StudyState.DEAD_LETTER):
+            return state
+        time.sleep(0.05)
+    raise TimeoutError("study not settled")
+
+
 @pytest.fixture
 def parts(tmp_path: Path) -> Iterator[tuple[Workflow, SqliteJobStore, FolderSender, list[Path]]]:
     zoo = bundled_models_dir()
@@ -47,45 +61,57 @@ def parts(tmp_path: Path) -> Iterator[tuple[Workflow, SqliteJobStore, FolderSend
     store = SqliteJobStore(tmp_path / "db.sqlite")
     sender = FolderSender(tmp_path / "out")
     released: list[Path] = []
+    delivery = DeliveryService(store, [sender], Outbox(tmp_path / "outbox"), poll_seconds=0.05)
     workflow = Workflow(
-        {pkg.key: ModelSlot(pkg, scheduler)}, [sender], store, workers=2, release_instances=released.extend
+        {pkg.key: ModelSlot(pkg, scheduler)}, delivery, store, workers=2, release_instances=released.extend
     )
+    delivery.add_listener(workflow.delivery_settled)
+    delivery.start()
     try:
         yield workflow, store, sender, released
     finally:
         workflow.close()
+        delivery.stop()
         scheduler.stop()
         runner.close()
         store.close()
 
 
 def test_complete_ct_study_gives_seg_and_sr_and_releases_the_spooled_images(
-    parts: tuple[Workflow, SqliteJobStore, FolderSender, list[Path]],
+    parts: tuple[Workflow, SqliteJobStore, FolderSender, list[Path]], tmp_path: Path
 ) -> None:
     workflow, store, sender, released = parts
     study = study_from(CT)
     workflow.on_study_complete(study)
     workflow.close()
+    assert settled(store, study.study_uid) is StudyState.DONE
     record = store.get_study(study.study_uid)
     (job,) = record.jobs
     assert job.state is JobState.DELIVERED, job.reason
-    assert record.state is StudyState.DONE
     assert set(job.stages) >= {"received", "complete", "queued", "inferred", "encoded", "delivered"}
+    (delivery,) = job.deliveries
+    assert delivery.state is DeliveryState.DELIVERED and delivery.attempts == 1
     modalities = sorted(pydicom.dcmread(p).Modality for p in sender.written)
     assert modalities == ["SEG", "SR"]
     assert len(released) == study.instance_count
+    assert not (tmp_path / "outbox" / job.job_id).exists()  # outbox emptied once delivered
 
 
 def test_same_study_twice_gives_the_same_result_uids(
     parts: tuple[Workflow, SqliteJobStore, FolderSender, list[Path]],
 ) -> None:
     workflow, store, sender, _ = parts
-    workflow.on_study_complete(study_from(CT))
+    study = study_from(CT)
+    workflow.on_study_complete(study)
     workflow.on_study_complete(study_from(CT))
     workflow.close()
+    assert settled(store, study.study_uid) is StudyState.DONE
     uids = [pydicom.dcmread(p).SOPInstanceUID for p in sender.written]
-    assert len(uids) == 4 and len(set(uids)) == 2
+    # Sent once or twice (a re-send overwrites the same instances at the PACS), never two different results.
+    assert len(uids) in (2, 4) and len(set(uids)) == 2
     assert len(store.list_studies()) == 1 and len(store.list_studies()[0].jobs) == 1
+    (job,) = store.list_studies()[0].jobs
+    assert len(job.deliveries) == 1  # one queue row per (job, destination), never two
 
 
 def test_tilted_series_fails_its_job_with_the_reason_and_keeps_the_images(
@@ -95,9 +121,51 @@ def test_tilted_series_fails_its_job_with_the_reason_and_keeps_the_images(
     study = study_from(TILTED)
     workflow.on_study_complete(study)
     workflow.close()
+    assert settled(store, study.study_uid) is StudyState.FAILED
     record = store.get_study(study.study_uid)
     (job,) = record.jobs
     assert job.state is JobState.FAILED
     assert "NotAVolumeError" in job.reason and ("tilt" in job.reason or "spacing" in job.reason)
     assert record.state is StudyState.FAILED
     assert sender.written == [] and released == []
+
+
+def test_study_recovered_while_its_results_wait_in_the_queue_is_not_run_again(tmp_path: Path) -> None:
+    zoo = bundled_models_dir()
+    assert zoo is not None
+    pkg = open_package(zoo / "ct_body_classical")
+    runner = create_runner("onnx", pkg.weights, output_channels=pkg.card.output.channels, device="cpu")
+    scheduler = Scheduler(pkg.card.id, runner, pkg.card.runtime.max_batch, 0.01)
+    scheduler.start()
+    store = SqliteJobStore(tmp_path / "db.sqlite")
+    (tmp_path / "down").write_text("a file where the destination folder should be: every attempt fails")
+    delivery = DeliveryService(
+        store,
+        [FolderSender(tmp_path / "down")],
+        Outbox(tmp_path / "outbox"),
+        {"folder": RetryPolicy(5, 600.0)},
+    )
+    workflow = Workflow({pkg.key: ModelSlot(pkg, scheduler)}, delivery, store, workers=2)
+    delivery.add_listener(workflow.delivery_settled)
+    delivery.start()
+    try:
+        study = study_from(CT)
+        workflow.on_study_complete(study)
+        deadline = time.monotonic() + 60
+        while not [d for j in store.get_study(study.study_uid).jobs for d in j.deliveries if d.attempts]:
+            assert time.monotonic() < deadline, "no delivery attempt"
+            time.sleep(0.05)
+        (before,) = store.get_study(study.study_uid).jobs
+        assert before.state is JobState.DELIVERING and before.deliveries[0].state is DeliveryState.QUEUED
+        workflow.on_study_complete(study_from(CT))  # the same study, recovered from the spool at start-up
+        workflow.close()
+        (after,) = store.get_study(study.study_uid).jobs
+        assert after.state is JobState.DELIVERING and after.stages == before.stages
+        assert after.batches == before.batches  # no second inference
+        assert store.get_study(study.study_uid).state is StudyState.PROCESSING
+    finally:
+        workflow.close()
+        delivery.stop()
+        scheduler.stop()
+        runner.close()
+        store.close()

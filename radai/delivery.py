@@ -1,0 +1,293 @@
+"""The outbound queue: results written to an outbox on disk, one queued delivery per (job, destination), and
+one worker thread per destination that sends with exponential back-off, a retry limit, then dead-letter.
+
+Survives a restart: the outbox files and the queue rows are durable; deliveries left 'sending' by a stopped
+process are queued again at start-up (a re-send is an overwrite at the PACS: result UIDs are deterministic).
+The worker polls the queue (so a `radai studies retry` from another process is picked up) and is woken at
+once on enqueue.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pydicom
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+
+from radai import metrics
+from radai.config import DestinationSettings
+from radai.domain import DeliveryRecord, DeliveryState
+from radai.errors import RadaiError
+from radai.ports import Clock, DeliveryQueue, ResultSender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Attempt n (1-based) that fails is retried after min(max_seconds, initial_seconds * factor**(n-1));
+    after max_attempts failures the delivery is dead."""
+
+    max_attempts: int = 20
+    initial_seconds: float = 2.0
+    factor: float = 2.0
+    max_seconds: float = 300.0
+
+    @classmethod
+    def from_settings(cls, dest: DestinationSettings) -> RetryPolicy:
+        return cls(
+            dest.max_attempts, dest.backoff_initial_seconds, dest.backoff_factor, dest.backoff_max_seconds
+        )
+
+    def delay(self, failed_attempts: int) -> float:
+        exponent = max(0, failed_attempts - 1)
+        # Capped before the power can overflow a float for large attempt numbers.
+        if self.factor > 1.0 and exponent > 1000:
+            return self.max_seconds
+        return float(min(self.max_seconds, self.initial_seconds * self.factor**exponent))
+
+
+class Outbox:
+    """Result files of jobs waiting for delivery: `<root>/<job_id>/<index>-<Modality>.dcm`, written durably."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def write(self, job_id: str, datasets: Sequence[Dataset]) -> list[str]:
+        if not job_id.isalnum():  # job ids are hex digests; never let anything else become a path
+            raise ValueError(f"invalid job id {job_id!r}")
+        folder = self.root / job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        paths: list[str] = []
+        for index, ds in enumerate(datasets):
+            modality = "".join(c for c in str(ds.get("Modality", "OT")) if c.isalnum())[:16] or "OT"
+            path = folder / f"{index:03d}-{modality}.dcm"
+            tmp = path.with_suffix(".tmp")
+            with tmp.open("wb") as fh:
+                ds.save_as(fh, enforce_file_format=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            paths.append(str(path))
+        _fsync_dir(folder)
+        _fsync_dir(self.root)
+        return paths
+
+    @staticmethod
+    def read(files: Sequence[str]) -> list[Dataset]:
+        return [pydicom.dcmread(f) for f in files]
+
+    def remove(self, job_id: str) -> None:
+        shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DeliveryService:
+    """Implements radai.ports.ResultDelivery on a DeliveryQueue (the job store) and one sender per destination."""
+
+    def __init__(
+        self,
+        queue: DeliveryQueue,
+        senders: Sequence[ResultSender],
+        outbox: Outbox,
+        policies: Mapping[str, RetryPolicy] | None = None,
+        *,
+        clock: Clock = time.time,
+        poll_seconds: float = 0.5,
+    ) -> None:
+        self._queue = queue
+        self._senders = {s.name: s for s in senders}
+        if len(self._senders) != len(senders):
+            raise ValueError("destination names must be unique")
+        self._outbox = outbox
+        self._policies = {name: (policies or {}).get(name, RetryPolicy()) for name in self._senders}
+        self._clock = clock
+        self._poll = poll_seconds
+        self._files_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = {name: threading.Event() for name in self._senders}
+        self._threads: list[threading.Thread] = []
+        self._listeners: list[Callable[[str], None]] = []
+
+    @property
+    def destinations(self) -> tuple[str, ...]:
+        return tuple(self._senders)
+
+    def add_listener(self, on_settled: Callable[[str], None]) -> None:
+        """Called with a job id whenever one of its deliveries is acknowledged or dead-lettered."""
+        self._listeners.append(on_settled)
+
+    def submit(self, job_id: str, study_uid: str, datasets: Sequence[Dataset]) -> None:
+        """Write the results to the outbox and queue one delivery per destination (once per pair, ever)."""
+        if not self._senders:
+            return
+        with self._files_lock:
+            files = self._outbox.write(job_id, datasets)
+            now = self._clock()
+            for name in self._senders:
+                state = self._queue.enqueue_delivery(job_id, study_uid, name, files, now)
+                log.info("job %s: delivery to %s %s", job_id, name, state.value)
+        for event in self._wake.values():
+            event.set()
+
+    def process_due(self, destination: str) -> DeliveryRecord | None:
+        """One attempt of the oldest due delivery to `destination`; returns its record afterwards, or None."""
+        now = self._clock()
+        record = self._queue.claim_delivery(destination, now)
+        if record is None:
+            return None
+        sender = self._senders[destination]
+        policy = self._policies[destination]
+        attempts = record.attempts + 1
+        started = time.monotonic()
+        error = ""
+        try:
+            sender.send(self._outbox.read(record.files))
+        except (RadaiError, OSError, ValueError, InvalidDicomError) as exc:
+            error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        except Exception as exc:  # a bug must become a failed attempt, never kill the worker
+            log.exception("job %s: delivery to %s crashed", record.job_id, destination)
+            error = f"internal error: {type(exc).__name__}: {exc}".splitlines()[0]
+        finished = self._clock()
+        if not error:
+            state, next_at, outcome = DeliveryState.DELIVERED, finished, "delivered"
+        elif attempts >= policy.max_attempts:
+            state, next_at, outcome = DeliveryState.DEAD, finished, "dead"
+        else:
+            state, next_at, outcome = DeliveryState.QUEUED, finished + policy.delay(attempts), "retry"
+        metrics.DELIVERY_SECONDS.labels(destination=destination, outcome=outcome).observe(
+            time.monotonic() - started
+        )
+        metrics.DELIVERIES.labels(destination=destination, outcome=outcome).inc()
+        with self._files_lock:
+            self._queue.update_delivery(record.job_id, destination, state, attempts, next_at, error, finished)
+            if state is DeliveryState.DELIVERED:
+                others = self._queue.deliveries_for_job(record.job_id)
+                if all(d.state is DeliveryState.DELIVERED for d in others):
+                    self._outbox.remove(record.job_id)
+        if state is DeliveryState.DELIVERED:
+            log.info("job %s: delivered to %s (attempt %d)", record.job_id, destination, attempts)
+        elif state is DeliveryState.DEAD:
+            log.warning(
+                "job %s: delivery to %s dead-lettered after %d attempt(s): %s",
+                record.job_id,
+                destination,
+                attempts,
+                error,
+            )
+        else:
+            log.warning(
+                "job %s: delivery to %s failed (attempt %d/%d), next in %.1f s: %s",
+                record.job_id,
+                destination,
+                attempts,
+                policy.max_attempts,
+                next_at - finished,
+                error,
+            )
+        if state is not DeliveryState.QUEUED:
+            for listener in self._listeners:
+                listener(record.job_id)
+        return DeliveryRecord(
+            record.job_id,
+            destination,
+            record.study_uid,
+            state,
+            attempts,
+            next_at,
+            error,
+            record.files,
+            finished,
+        )
+
+    def refresh_gauges(self) -> None:
+        for name in self._senders:
+            pending = self._queue.count_deliveries(name, DeliveryState.QUEUED) + self._queue.count_deliveries(
+                name, DeliveryState.SENDING
+            )
+            metrics.DELIVERIES_PENDING.labels(destination=name).set(pending)
+            metrics.DELIVERIES_DEAD.labels(destination=name).set(
+                self._queue.count_deliveries(name, DeliveryState.DEAD)
+            )
+
+    def resume(self) -> int:
+        """Deliveries a stopped process left 'sending' are queued again; returns how many."""
+        resumed = self._queue.resume_deliveries()
+        if resumed:
+            log.info("resumed %d interrupted deliveries", resumed)
+        return resumed
+
+    def start(self) -> None:
+        """Resume what a stopped process left, then one worker thread per destination."""
+        self.resume()
+        self.refresh_gauges()
+        self._stop.clear()
+        for name in self._senders:
+            thread = threading.Thread(
+                target=self._loop, args=(name,), name=f"radai-deliver-{name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop the workers after their current attempt; what is queued stays queued for the next start."""
+        self._stop.set()
+        for event in self._wake.values():
+            event.set()
+        for thread in self._threads:
+            thread.join()
+        self._threads.clear()
+
+    def _loop(self, destination: str) -> None:
+        wake = self._wake[destination]
+        while not self._stop.is_set():
+            try:
+                if self.process_due(destination) is not None:
+                    continue
+                self.refresh_gauges()
+            except Exception:  # the database busy or gone for a moment: keep the worker alive
+                log.exception("delivery worker for %s: unexpected error", destination)
+            wake.wait(self._poll)
+            wake.clear()
+
+
+class DestinationProbe:
+    """C-ECHO of each destination for /readyz, cached for `ttl_seconds` so that /readyz stays cheap."""
+
+    def __init__(
+        self, senders: Sequence[ResultSender], ttl_seconds: float = 10.0, clock: Clock = time.monotonic
+    ):
+        self._senders = list(senders)
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, bool]] = {}
+
+    def checks(self) -> dict[str, bool]:
+        out: dict[str, bool] = {}
+        with self._lock:
+            for sender in self._senders:
+                cached = self._cache.get(sender.name)
+                now = self._clock()
+                if cached is None or now - cached[0] >= self._ttl:
+                    up = sender.echo()
+                    cached = (self._clock(), up)
+                    self._cache[sender.name] = cached
+                    metrics.DESTINATION_UP.labels(destination=sender.name).set(1 if up else 0)
+                out[f"destination:{sender.name}"] = cached[1]
+        return out
