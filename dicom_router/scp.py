@@ -9,6 +9,15 @@ releases the association normally (A-RELEASE, pynetdicom's EVT_RELEASED) it repo
 ``on_association_released`` callback: the sender says it is done, the main completion signal. A study
 that another association still open has stored instances of is left out (that one's release reports it).
 An aborted or dropped association reports nothing (the sender may retry) and is only logged.
+
+Edge security and limits (see :mod:`dicom_router.security` and :mod:`dicom_router.netguard`): the called
+AE title and an optional allow-list of (calling AE, IP network) are checked on A-ASSOCIATE-RQ; at most
+``max_associations`` associations are admitted at once (more get A-ASSOCIATE-RJ "local limit exceeded";
+connections still negotiating do not count, so trickling peers cannot take the slots) and at most
+``max_connections`` TCP connections are open; optional TLS 1.2+; ACSE/DIMSE/network timeouts; PDUs over
+``max_pdu_size`` are aborted before buffering; a deflated data set that inflates beyond
+``max_inflated_bytes`` is answered 0xA700 OUT_OF_RESOURCES (the configured cap is a local resource limit,
+so a bigger cap would accept it).
 """
 
 from __future__ import annotations
@@ -18,12 +27,15 @@ import logging
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Sequence
+from io import BytesIO
 from pathlib import Path
 from typing import cast
 
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     EnhancedMRColorImageStorage,
     EnhancedMRImageStorage,
@@ -40,9 +52,19 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event, EventHandlerType
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicom_router.headers import InstanceHeader, header_from_encoded
+from dicom_router.netguard import GuardedServer, TransportLimits, inflated_size_exceeds, peer_ip
+from dicom_router.security import (
+    REJECT_CALLED_AE,
+    REJECT_CALLING_AE,
+    REJECT_LOCAL_LIMIT,
+    AllowedPeer,
+    TlsSettings,
+    is_allowed,
+    server_context,
+)
 from dicom_router.spool import Spool
 from dicom_router.statuses import Status
 from dicom_router.uids import uid_fingerprint
@@ -57,6 +79,7 @@ log = logging.getLogger(__name__)
 #: Secondary Capture flavour.
 STORAGE_SOP_CLASSES: tuple[str, ...] = (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     LegacyConvertedEnhancedCTImageStorage,
     MRImageStorage,
@@ -72,8 +95,14 @@ STORAGE_SOP_CLASSES: tuple[str, ...] = (
 
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
 
-#: Largest PDU we announce; matches the tuned DCMTK peers (``--max-pdu 131072``).
+#: Largest PDU we announce and accept; matches the tuned DCMTK peers (``--max-pdu 131072``).
 MAX_PDU_SIZE = 131072
+DEFAULT_MAX_ASSOCIATIONS = 16
+DEFAULT_ACSE_TIMEOUT_S = 30.0
+DEFAULT_DIMSE_TIMEOUT_S = 60.0
+DEFAULT_NETWORK_TIMEOUT_S = 60.0
+#: Largest inflated size of a Deflated Explicit VR Little Endian data set (deflate-bomb guard).
+DEFAULT_MAX_INFLATED_BYTES = 2 << 30
 
 #: ``on_association_released(calling_ae, study_uids)``: called on the association's thread after a normal
 #: release, with the studies of the instances stored successfully on it; must only enqueue.
@@ -81,7 +110,12 @@ ReleaseCallback = Callable[[str, frozenset[str]], None]
 
 
 class StoreSCP:
-    """A pynetdicom Application Entity serving C-ECHO and C-STORE into a :class:`Spool`."""
+    """A pynetdicom Application Entity serving C-ECHO and C-STORE into a :class:`Spool`.
+
+    Keyword-only options (all optional): ``allowed`` (None: any sender), ``require_called_ae``,
+    ``tls``, ``max_associations``, ``max_connections`` (default 4 x max_associations), the timeouts
+    in seconds (``network_timeout_s`` is also the idle timeout of an association and the time one PDU may
+    take to arrive), ``max_pdu_size`` and ``max_inflated_bytes``. Invalid values raise ValueError."""
 
     def __init__(
         self,
@@ -93,7 +127,38 @@ class StoreSCP:
         clock: Callable[[], float] = time.time,
         sop_classes: Sequence[str] = STORAGE_SOP_CLASSES,
         on_association_released: ReleaseCallback | None = None,
+        *,
+        allowed: Sequence[AllowedPeer] | None = None,
+        require_called_ae: bool = True,
+        tls: TlsSettings | None = None,
+        max_associations: int = DEFAULT_MAX_ASSOCIATIONS,
+        max_connections: int | None = None,
+        acse_timeout_s: float = DEFAULT_ACSE_TIMEOUT_S,
+        dimse_timeout_s: float = DEFAULT_DIMSE_TIMEOUT_S,
+        network_timeout_s: float = DEFAULT_NETWORK_TIMEOUT_S,
+        max_pdu_size: int = MAX_PDU_SIZE,
+        max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
     ) -> None:
+        if max_associations < 1:
+            raise ValueError("max_associations must be at least 1")
+        if min(acse_timeout_s, dimse_timeout_s, network_timeout_s) <= 0:
+            raise ValueError("timeouts must be positive")
+        if max_inflated_bytes < 1:
+            raise ValueError("max_inflated_bytes must be positive")
+        self._limits = TransportLimits(
+            max_pdu_size=max_pdu_size,
+            read_timeout_s=network_timeout_s,
+            max_connections=max_connections if max_connections is not None else 4 * max_associations,
+        )
+        self._allowed = None if allowed is None else tuple(allowed)
+        self._require_called_ae = require_called_ae
+        self._tls = tls
+        self._max_associations = max_associations
+        self._timeouts = (acse_timeout_s, dimse_timeout_s, network_timeout_s)
+        self._max_inflated = max_inflated_bytes
+        # Associations admitted past A-ASSOCIATE-RQ; a finished one's thread is no longer alive.
+        self._admitted: weakref.WeakSet[Association] = weakref.WeakSet()
+        self._admit_lock = threading.Lock()
         self._ae_title = ae_title
         self._host = host
         self._requested_port = port
@@ -102,7 +167,7 @@ class StoreSCP:
         self._clock = clock
         self._sop_classes = tuple(sop_classes)
         self._ae: AE | None = None
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedServer | None = None
         self._lock = threading.Lock()
         self._on_released = on_association_released
         # Association -> Study UIDs stored on it. Weak keys: an association that ends without a release or
@@ -128,22 +193,44 @@ class StoreSCP:
             if self._server is not None:
                 return
             ae = AE(ae_title=self._ae_title)
-            ae.maximum_pdu_size = MAX_PDU_SIZE
+            ae.maximum_pdu_size = self._limits.max_pdu_size
+            ae.acse_timeout, ae.dimse_timeout, ae.network_timeout = self._timeouts
+            ae.require_called_aet = self._require_called_ae
+            # Our own admission check (EVT_REQUESTED) counts admitted associations; pynetdicom's counts
+            # every open connection, which the connection cap already bounds.
+            ae.maximum_associations = self._limits.max_connections + 1
             ae.add_supported_context(VERIFICATION_SOP_CLASS)
             for sop_class in self._sop_classes:
                 ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
             # The SCP never releases on its own (pynetdicom's network_timeout_response stays "A-ABORT"), so
             # every EVT_RELEASED here is a release requested by the peer.
             handlers: list[EventHandlerType] = [
+                (evt.EVT_REQUESTED, self._handle_requested),
+                (evt.EVT_REJECTED, self._handle_rejected),
                 (evt.EVT_C_STORE, self._handle_store),
                 (evt.EVT_RELEASED, self._handle_released),
                 (evt.EVT_ABORTED, self._handle_aborted),
             ]
-            self._server = ae.start_server(
-                (self._host, self._requested_port), block=False, evt_handlers=handlers
+            ssl_context = None if self._tls is None else server_context(self._tls)
+            server = cast(
+                GuardedServer,
+                ae.make_server(
+                    (self._host, self._requested_port),
+                    ssl_context=ssl_context,
+                    evt_handlers=handlers,
+                    server_class=GuardedServer,
+                    limits=self._limits,
+                ),
             )
-            self._ae = ae
-            log.info("DICOM SCP %s listening on %s:%d", self._ae_title, self._host, self.port)
+            threading.Thread(target=server.serve_forever, name="dicom-router-scp", daemon=True).start()
+            self._server, self._ae = server, ae
+            log.info(
+                "DICOM SCP %s listening on %s:%d%s",
+                self._ae_title,
+                self._host,
+                self.port,
+                " (TLS)" if ssl_context is not None else "",
+            )
 
     def stop(self) -> None:
         """Stop accepting, close open associations and release the port. Idempotent."""
@@ -154,6 +241,58 @@ class StoreSCP:
             server.shutdown()
         if ae is not None:
             ae.shutdown()
+
+    def _handle_requested(self, event: Event) -> None:
+        """EVT_REQUESTED handler: reject an unknown called AE, a sender off the allow-list, or one over
+        the association limit (A-ASSOCIATE-RJ), with a warning naming calling AE and IP (no PHI)."""
+        assoc = event.assoc
+        request = cast(A_ASSOCIATE, assoc.requestor.primitive)
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        ip = peer_ip(assoc)
+        try:
+            refusal = self._refusal(assoc, calling, called, ip)
+        except Exception:  # fail closed: pynetdicom would log a handler error and accept
+            log.exception("admission check failed")
+            refusal = (0x02, 0x01, 0x01), "admission check failed"  # transient, service-user, no reason
+        if refusal is None:
+            return
+        rejection, why = refusal
+        log.warning("association from %s (%s) to %s rejected: %s", calling, ip, called, why)
+        assoc.acse.send_reject(*rejection)
+        assoc.kill()  # as pynetdicom does after its own rejections: waits until the A-ASSOCIATE-RJ is out
+
+    def _refusal(
+        self, assoc: Association, calling: str, called: str, ip: str
+    ) -> tuple[tuple[int, int, int], str] | None:
+        if self._require_called_ae and called != self._ae_title.strip():
+            return REJECT_CALLED_AE, "called AE title not recognised"
+        if not is_allowed(self._allowed, calling, ip):
+            return REJECT_CALLING_AE, "calling AE title not recognised (not on the allow-list)"
+        if not self._admit(assoc):
+            return REJECT_LOCAL_LIMIT, f"local limit exceeded ({self._max_associations} associations)"
+        return None
+
+    def _admit(self, assoc: Association) -> bool:
+        with self._admit_lock:
+            live = sum(1 for other in self._admitted if other is not assoc and other.is_alive())
+            if live >= self._max_associations:
+                return False
+            self._admitted.add(assoc)
+            return True
+
+    def _handle_rejected(self, event: Event) -> None:
+        """EVT_REJECTED handler: log pynetdicom's own rejections (ours are logged when made)."""
+        primitive = event.assoc.acceptor.primitive
+        request = cast(A_ASSOCIATE, event.assoc.requestor.primitive)
+        log.warning(
+            "association from %s (%s) rejected by the DICOM stack (result %s, source %s, reason %s)",
+            str(request.calling_ae_title).strip(),
+            peer_ip(event.assoc),
+            getattr(primitive, "result", "?"),
+            getattr(primitive, "result_source", "?"),
+            getattr(primitive, "diagnostic", "?"),
+        )
 
     def _handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler: never raises, always answers with a deliberate status."""
@@ -182,7 +321,12 @@ class StoreSCP:
         """EVT_ABORTED handler (A-ABORT either way, or the connection dropped): no completion signal."""
         study_uids = self._forget(event.assoc)
         requestor = event.assoc.requestor
-        address = requestor.address_info.address if requestor.address_info is not None else "?"
+        address = peer_ip(event.assoc)
+        if not str(
+            requestor.ae_title
+        ).strip():  # dropped before any A-ASSOCIATE-RQ (e.g. failed TLS, timeout)
+            log.info("connection from %s closed before an association was requested", address)
+            return
         log.warning(
             "association from %s (%s) aborted after storing instances of %d studies; "
             "waiting for a retry or the quiet period",
@@ -202,6 +346,9 @@ class StoreSCP:
     def _store(self, event: Event) -> Status:
         received_at = self._clock()
         calling_ae = str(event.assoc.requestor.ae_title).strip()
+        refusal = self._deflate_refusal(event, calling_ae)
+        if refusal is not None:
+            return refusal
         try:
             encoded = event.encoded_dataset(include_meta=True)
             header = header_from_encoded(encoded, Path(), calling_ae, received_at)
@@ -231,3 +378,24 @@ class StoreSCP:
             return Status.PROCESSING_FAILURE
         self._remember(event.assoc, header.study_uid)
         return Status.SUCCESS
+
+    def _deflate_refusal(self, event: Event, calling_ae: str) -> Status | None:
+        """For a deflated data set, a refusal when it is not valid deflate or inflates over the cap."""
+        if event.context.transfer_syntax != DeflatedExplicitVRLittleEndian:
+            return None
+        raw = cast(BytesIO, cast(C_STORE, event.request).DataSet).getbuffer()
+        try:
+            too_big = inflated_size_exceeds(raw, self._max_inflated)
+        except zlib.error:
+            log.warning("C-STORE from %s refused: deflated data set is not valid deflate", calling_ae)
+            return Status.CANNOT_UNDERSTAND
+        finally:
+            raw.release()
+        if too_big:
+            log.warning(
+                "C-STORE from %s refused: deflated data set inflates beyond %d bytes",
+                calling_ae,
+                self._max_inflated,
+            )
+            return Status.OUT_OF_RESOURCES
+        return None

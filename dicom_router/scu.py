@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
 
+from dicom_router.security import TlsSettings, client_context
 from dicom_router.statuses import describe, is_stored
 from dicom_router.uids import uid_fingerprint
 
@@ -55,6 +57,7 @@ def send_datasets(
     *,
     timeout_s: float = 30.0,
     sleep: Callable[[float], None] = time.sleep,
+    tls: TlsSettings | None = None,
 ) -> None:
     """Send ``datasets`` to ``dest`` over one association per attempt.
 
@@ -62,18 +65,21 @@ def send_datasets(
     other little-endian uncompressed syntaxes so the peer may choose). After an association failure or a
     non-success status the data sets not yet stored are retried, up to ``retries`` more attempts with
     exponential backoff starting at ``backoff_s``. Warning statuses (0xB0xx) count as stored.
+    With ``tls`` the association runs over TLS 1.2+, the peer's certificate verified against
+    ``tls.ca_file`` (and its host name or IP when ``tls.check_hostname``), our certificate presented.
     Raises DeliveryFailed with a one-line reason when anything is left over, ValueError for a data set
-    without SOP Class/Instance UIDs.
+    without SOP Class/Instance UIDs, OSError/ssl.SSLError when the TLS files cannot be loaded.
     """
     remaining = [_item(ds) for ds in datasets]
     if not remaining:
         return
+    tls_args = None if tls is None else (client_context(tls), dest.host)
     attempts = max(0, retries) + 1
     reason = ""
     for attempt in range(attempts):
         if attempt:
             sleep(backoff_s * (2 ** (attempt - 1)))
-        remaining, reason = _attempt(remaining, dest, calling_ae, timeout_s)
+        remaining, reason = _attempt(remaining, dest, calling_ae, timeout_s, tls_args)
         if not remaining:
             return
         log.warning(
@@ -125,7 +131,11 @@ def _contexts(items: Sequence[_Item]) -> list[tuple[str, list[str]]]:
 
 
 def _attempt(
-    items: list[_Item], dest: Destination, calling_ae: str, timeout_s: float
+    items: list[_Item],
+    dest: Destination,
+    calling_ae: str,
+    timeout_s: float,
+    tls_args: tuple[ssl.SSLContext, str] | None = None,
 ) -> tuple[list[_Item], str]:
     """One association; returns the items not stored and the last failure reason."""
     ae = AE(ae_title=calling_ae)
@@ -135,7 +145,7 @@ def _attempt(
     for sop_class, syntaxes in _contexts(items):
         ae.add_requested_context(sop_class, syntaxes)
     try:
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls_args)
     except Exception as exc:  # pynetdicom rarely raises here, but a crash must become a retry
         return items, f"association failed: {type(exc).__name__}"
     if not assoc.is_established:
