@@ -7,11 +7,18 @@ sleeps until the next deadline (at most ``poll_seconds``, woken at once by anyth
 studies to ``on_study_complete``: ``release_grace_seconds`` after the release, or after ``quiet_seconds``
 without new instances for senders that never release. A failing callback is logged and never stops the
 thread.
+
+Start-up recovers the spool: temporary files of interrupted writes are deleted, every instance already
+spooled (received before a crash or a stop, not yet processed) is read back and assembled as if just
+received, and files that cannot be read are moved to the spool's ``quarantine/``. Recovered studies become
+due after the quiet period (their sender may be re-sending what it saw unacknowledged), or after
+``recovery_delay_seconds`` when that is given.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -19,10 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydicom import dcmread
+
 from dicom_router.assembler import Assembler, Study
-from dicom_router.headers import InstanceHeader
+from dicom_router.headers import InstanceHeader, header_from_dataset
 from dicom_router.scp import StoreSCP
-from dicom_router.spool import Spool
+from dicom_router.spool import DEFAULT_MAX_USED_FRACTION, DEFAULT_MIN_FREE_BYTES, Spool
 from dicom_router.uids import uid_fingerprint
 
 log = logging.getLogger(__name__)
@@ -39,12 +48,33 @@ class _Released:
     study_uids: frozenset[str]
 
 
+@dataclass(frozen=True)
+class _Recovered:
+    """These studies were rebuilt from the spool at start-up; due ``delay`` seconds after it (if set)."""
+
+    study_uids: frozenset[str]
+    delay: float | None
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What start-up found in the spool."""
+
+    partial_removed: int
+    instances: int
+    studies: int
+    quarantined: int
+
+
 class Receiver:
     """Receives instances over DICOM and reports each study once its sender is done with it.
 
     Done means: the association that carried it was released and ``release_grace_seconds`` passed with no
     new instance (time for a follow-up association), or no new instance came for ``quiet_seconds``.
-    ``release_grace_seconds=None`` ignores releases (quiet period only)."""
+    ``release_grace_seconds=None`` ignores releases (quiet period only). ``spool_max_used_fraction`` and
+    ``spool_min_free_bytes`` are the spool's disk watermark and free-space floor (see :class:`Spool`);
+    ``recovery_delay_seconds`` makes studies recovered at start-up due that long after it (None: the quiet
+    period)."""
 
     def __init__(
         self,
@@ -57,16 +87,26 @@ class Receiver:
         clock: Callable[[], float] = time.time,
         poll_seconds: float = DEFAULT_POLL_SECONDS,
         release_grace_seconds: float | None = DEFAULT_RELEASE_GRACE_SECONDS,
+        *,
+        spool_max_used_fraction: float = DEFAULT_MAX_USED_FRACTION,
+        spool_min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
+        recovery_delay_seconds: float | None = None,
     ) -> None:
         if release_grace_seconds is not None and release_grace_seconds < 0:
             raise ValueError("release_grace_seconds must be >= 0 or None")
-        self._spool = Spool(spool_dir)
+        if recovery_delay_seconds is not None and recovery_delay_seconds < 0:
+            raise ValueError("recovery_delay_seconds must be >= 0 or None")
+        self._spool = Spool(
+            spool_dir, max_used_fraction=spool_max_used_fraction, min_free_bytes=spool_min_free_bytes
+        )
+        self._recovery_delay = recovery_delay_seconds
+        self._recovery: RecoveryReport | None = None
         self._assembler = Assembler(quiet_seconds)
         self._on_study_complete = on_study_complete
         self._clock = clock
         self._poll = poll_seconds
         self._grace = release_grace_seconds
-        self._queue: queue.SimpleQueue[InstanceHeader | _Released] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[InstanceHeader | _Released | _Recovered] = queue.SimpleQueue()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._scp = StoreSCP(
@@ -89,13 +129,20 @@ class Receiver:
         """The spool the SCP writes into."""
         return self._spool
 
+    @property
+    def recovery(self) -> RecoveryReport | None:
+        """What the last start() recovered from the spool (None before the first start)."""
+        return self._recovery
+
     def start(self) -> None:
-        """Start the assembler thread, then the SCP (so nothing received waits on a missing consumer).
+        """Recover the spool, start the assembler thread, then the SCP (so nothing received waits on a
+        missing consumer, and no new write races the recovery).
 
         Raises OSError when the port cannot be bound; nothing is left running then."""
         if self._thread is not None:
             return
         self._stopping.clear()
+        self._recovery = self._recover()
         self._thread = threading.Thread(target=self._run, name="dicom-router-assembler", daemon=True)
         self._thread.start()
         try:
@@ -111,6 +158,61 @@ class Receiver:
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join()
+
+    def _recover(self) -> RecoveryReport:
+        """Queue every spooled instance for the assembler; quarantine what cannot be read. Never raises
+        for a bad file: one unreadable instance must not keep the server from starting."""
+        partial = self._spool.discard_partial()
+        studies: set[str] = set()
+        instances = quarantined = 0
+        for path in self._spool.pending():
+            header = self._read_spooled(path)
+            if header is None:
+                quarantined += self._quarantine(path)
+                continue
+            self._queue.put(header)
+            studies.add(header.study_uid)
+            instances += 1
+        if studies:
+            self._queue.put(_Recovered(frozenset(studies), self._recovery_delay))
+        report = RecoveryReport(partial, instances, len(studies), quarantined)
+        if partial or instances or quarantined:
+            log.warning(
+                "spool recovery: %d instances of %d studies resumed, %d unreadable files quarantined, "
+                "%d interrupted writes removed",
+                instances,
+                len(studies),
+                quarantined,
+                partial,
+            )
+        return report
+
+    def _read_spooled(self, path: Path) -> InstanceHeader | None:
+        tag = uid_fingerprint(path.name[: -len(path.suffix)])
+        try:
+            received_at = os.stat(path).st_mtime
+            ds = dcmread(path, stop_before_pixels=True)
+            calling_ae = str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "")
+            header = header_from_dataset(ds, path, calling_ae, received_at)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # pydicom raises many types on damaged files; header_from_dataset ValueError
+            log.warning("spooled instance %s unreadable at recovery: %s", tag, type(exc).__name__)
+            return None
+        if header.sop_instance_uid != path.name[: -len(path.suffix)]:
+            log.warning("spooled instance %s: SOP Instance UID does not match its file name", tag)
+            return None
+        return header
+
+    def _quarantine(self, path: Path) -> int:
+        if not path.exists():
+            return 0
+        try:
+            self._spool.quarantine(path)
+        except OSError as exc:
+            log.error("could not quarantine an unreadable spooled file: %s", exc.strerror)
+            return 0
+        return 1
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -129,9 +231,12 @@ class Receiver:
         """SCP release callback, on the association's thread: only enqueue (this also wakes the thread)."""
         self._queue.put(_Released(calling_ae, study_uids))
 
-    def _apply(self, item: InstanceHeader | _Released) -> None:
+    def _apply(self, item: InstanceHeader | _Released | _Recovered) -> None:
         now = self._clock()
-        if isinstance(item, _Released):
+        if isinstance(item, _Recovered):
+            if item.delay is not None:
+                self._assembler.association_released(item.study_uids, now, item.delay)
+        elif isinstance(item, _Released):
             if self._grace is not None:
                 log.debug("association from %s released (%d studies)", item.calling_ae, len(item.study_uids))
                 self._assembler.association_released(item.study_uids, now, self._grace)
