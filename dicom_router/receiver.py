@@ -29,8 +29,9 @@ from pathlib import Path
 from pydicom import dcmread
 
 from dicom_router.assembler import Assembler, Study
+from dicom_router.completion import CompletionRules
 from dicom_router.headers import InstanceHeader, header_from_dataset
-from dicom_router.scp import StoreSCP
+from dicom_router.scp import ScpOptions, StoreSCP
 from dicom_router.spool import DEFAULT_MAX_USED_FRACTION, DEFAULT_MIN_FREE_BYTES, Spool
 from dicom_router.uids import uid_fingerprint
 
@@ -91,6 +92,8 @@ class Receiver:
         spool_max_used_fraction: float = DEFAULT_MAX_USED_FRACTION,
         spool_min_free_bytes: int = DEFAULT_MIN_FREE_BYTES,
         recovery_delay_seconds: float | None = None,
+        rules: CompletionRules | None = None,
+        scp_options: ScpOptions | None = None,
     ) -> None:
         if release_grace_seconds is not None and release_grace_seconds < 0:
             raise ValueError("release_grace_seconds must be >= 0 or None")
@@ -101,7 +104,8 @@ class Receiver:
         )
         self._recovery_delay = recovery_delay_seconds
         self._recovery: RecoveryReport | None = None
-        self._assembler = Assembler(quiet_seconds)
+        # Completion rules carry their own quiet period; without them, quiet_seconds alone.
+        self._assembler = Assembler(rules=rules) if rules is not None else Assembler(quiet_seconds)
         self._on_study_complete = on_study_complete
         self._clock = clock
         self._poll = poll_seconds
@@ -117,6 +121,7 @@ class Receiver:
             self._queue.put,
             clock=clock,
             on_association_released=None if release_grace_seconds is None else self._released,
+            **(scp_options or ScpOptions()).as_kwargs(),
         )
 
     @property
@@ -258,3 +263,13 @@ class Receiver:
                 self._on_study_complete(study)
             except Exception:
                 log.exception("study %s: on_study_complete failed", uid_fingerprint(study.study_uid))
+        for study in self._assembler.take_discarded():
+            # The completion rules' hard deadline passed without the required series: drop what came.
+            log.warning(
+                "study %s discarded at its completion deadline (required series missing): %d instances",
+                uid_fingerprint(study.study_uid),
+                study.instance_count,
+            )
+            for series in study.series.values():
+                for header in series.instances:
+                    self._spool.remove(header.path)

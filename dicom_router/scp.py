@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from pydicom.uid import (
     CTImageStorage,
@@ -107,6 +107,25 @@ DEFAULT_MAX_INFLATED_BYTES = 2 << 30
 #: ``on_association_released(calling_ae, study_uids)``: called on the association's thread after a normal
 #: release, with the studies of the instances stored successfully on it; must only enqueue.
 ReleaseCallback = Callable[[str, frozenset[str]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ScpOptions:
+    """Security and limits of a StoreSCP, as one value (the keyword arguments of StoreSCP)."""
+
+    allowed: Sequence[AllowedPeer] | None = None
+    require_called_ae: bool = True
+    tls: TlsSettings | None = None
+    max_associations: int = DEFAULT_MAX_ASSOCIATIONS
+    max_connections: int | None = None
+    acse_timeout_s: float = DEFAULT_ACSE_TIMEOUT_S
+    dimse_timeout_s: float = DEFAULT_DIMSE_TIMEOUT_S
+    network_timeout_s: float = DEFAULT_NETWORK_TIMEOUT_S
+    max_pdu_size: int = MAX_PDU_SIZE
+    max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 class StoreSCP:

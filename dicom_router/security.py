@@ -67,8 +67,8 @@ class TlsSettings:
     whose certificate is verified against ``ca_file`` (the system CAs when None), with its host name or IP
     checked when ``check_hostname``."""
 
-    cert_file: Path
-    key_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
     ca_file: Path | None = None
     require_client_cert: bool = False
     check_hostname: bool = True
@@ -76,12 +76,16 @@ class TlsSettings:
     def __post_init__(self) -> None:
         if self.require_client_cert and self.ca_file is None:
             raise ValueError("require_client_cert needs ca_file")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
 
 
 def server_context(tls: TlsSettings) -> ssl.SSLContext:
     """An SSLContext for the SCP: TLS 1.2+, our certificate, client certificates verified when required.
 
     Raises OSError/ssl.SSLError when a file is missing or does not match."""
+    if tls.cert_file is None or tls.key_file is None:
+        raise ValueError("a TLS server needs cert_file and key_file")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
@@ -101,5 +105,6 @@ def client_context(tls: TlsSettings) -> ssl.SSLContext:
         ctx.load_verify_locations(cafile=str(tls.ca_file))
     else:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    if tls.cert_file is not None and tls.key_file is not None:  # mutual TLS: show our certificate
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
     return ctx

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from dicom_router.receiver import Receiver
-from radai.config import Settings
+from dicom_router.scp import ScpOptions
+from dicom_router.security import AllowedPeer
+from radai.config import DicomSettings, Settings
 from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy
 from radai.errors import ConfigError, ModelPackageError, RadaiError
 from radai.models.registry import ModelPackage, RunnerFactory, discover, reference_check
 from radai.ports import ModelRunner
 from radai.runtime import create_runner
 from radai.scheduling.loop import BatchRecord, Scheduler
-from radai.senders import DicomSender
+from radai.senders import DicomSender, router_tls
 from radai.storage.sqlite import SqliteJobStore
 from radai.workflow import ModelSlot, Workflow
 
@@ -39,6 +40,25 @@ def make_runner_factory(device: str) -> RunnerFactory:
         return create_runner(backend, path, output_channels=channels, device=device)
 
     return factory
+
+
+def scp_options(dicom: DicomSettings) -> ScpOptions:
+    """The DICOM receiver's security and limits, from the `dicom:` settings."""
+    allowed = None
+    if dicom.allowed_peers is not None:
+        allowed = [AllowedPeer(p.ae_title, p.network) for p in dicom.allowed_peers]
+    return ScpOptions(
+        allowed=allowed,
+        require_called_ae=dicom.require_called_ae,
+        tls=router_tls(dicom.tls),
+        max_associations=dicom.max_associations,
+        max_connections=dicom.max_connections,
+        acse_timeout_s=dicom.acse_timeout_seconds,
+        dimse_timeout_s=dicom.dimse_timeout_seconds,
+        network_timeout_s=dicom.network_timeout_seconds,
+        max_pdu_size=dicom.max_pdu_size,
+        max_inflated_bytes=dicom.max_inflated_bytes,
+    )
 
 
 def load_models(settings: Settings) -> list[ModelPackage]:
@@ -119,17 +139,30 @@ class Server:
             settings.storage.spool_dir,
             settings.completion.study_quiet_seconds,
             self.workflow.on_study_complete,
+            release_grace_seconds=settings.completion.association_grace_seconds,
+            spool_max_used_fraction=settings.storage.spool_max_used_fraction,
+            spool_min_free_bytes=settings.storage.spool_min_free_bytes,
+            rules=settings.completion.rules(),
+            scp_options=scp_options(settings.dicom),
         )
 
     def _on_batch(self, record: BatchRecord) -> None:
         self.store.record_batch(record.job_ids)
 
-    def _release(self, paths: Sequence[Path]) -> None:
+    def _release(self, paths: Sequence[Path], handed_off_at: float) -> None:
         for p in paths:
             try:
-                p.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("could not remove a spooled instance: %s", exc.strerror)
+                self.receiver.spool.remove(p, unless_written_after=handed_off_at)
+            except (OSError, ValueError) as exc:
+                log.warning("could not remove a spooled instance: %s", exc)
+
+    def _spool_has_room(self) -> bool:
+        """The same watermark and floor the SCP applies before answering a C-STORE."""
+        try:
+            self.receiver.spool.check_space()
+        except OSError:
+            return False
+        return True
 
     def readiness(self) -> dict[str, bool]:
         """The checks of /readyz. `destination:<name>` (a cached C-ECHO) is reported but does not decide
@@ -139,7 +172,7 @@ class Server:
             "spool_writable": spool.is_dir() and os.access(spool, os.W_OK),
             "database": self.store.ping(),
             "models_loaded": bool(self._schedulers),
-            "disk_free": shutil.disk_usage(spool if spool.is_dir() else Path.cwd()).free > 100 * 1024 * 1024,
+            "disk_free": self._spool_has_room(),
             **self.probe.checks(),
         }
 

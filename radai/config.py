@@ -7,17 +7,46 @@ Validation errors name the bad key (see `load_settings`).
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicom_router.completion import CompletionRules
 from radai.errors import ConfigError
 
 _SECTION = ConfigDict(extra="forbid")
 _AE = r"^[ -~]{1,16}$"  # DICOM AE title: up to 16 printable ASCII characters
+
+
+class TlsSettings(BaseModel):
+    """DICOM TLS (1.2 or newer). For the receiver: our certificate and key, and the CA that client
+    certificates must chain to when `require_client_cert`. For a destination: the CA to verify it against
+    (system CAs if omitted) and, for mutual TLS, our certificate and key."""
+
+    model_config = _SECTION
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+    check_hostname: bool = True
+
+
+class AllowedPeer(BaseModel):
+    """A sender allowed to store: its calling AE title and the IP address or network (CIDR) it comes from."""
+
+    model_config = _SECTION
+    ae_title: str = Field(pattern=_AE)
+    network: str
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, value: str) -> str:
+        ipaddress.ip_network(value, strict=False)  # ValueError names the bad value
+        return value
 
 
 class DicomSettings(BaseModel):
@@ -25,6 +54,28 @@ class DicomSettings(BaseModel):
     ae_title: str = Field(default="RADAI", pattern=_AE)
     host: str = "0.0.0.0"
     port: int = Field(default=11112, ge=0, le=65535)
+    # Senders allowed to store; null (the embedded default) allows every sender. Refusals are logged.
+    allowed_peers: list[AllowedPeer] | None = None
+    # Refuse associations addressed to another called AE title than ae_title.
+    require_called_ae: bool = True
+    tls: TlsSettings | None = None
+    max_associations: int = Field(default=16, ge=1, le=1024)
+    max_connections: int | None = Field(default=None, ge=1, le=4096)  # default: 4 x max_associations
+    acse_timeout_seconds: float = Field(default=30.0, gt=0.0, le=3600.0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0.0, le=3600.0)
+    # Idle time allowed between PDUs (and for one PDU or a TLS handshake to arrive): slow peers are dropped.
+    network_timeout_seconds: float = Field(default=60.0, gt=0.0, le=3600.0)
+    max_pdu_size: int = Field(default=131072, ge=4096, le=2**31 - 1)
+    # Largest data set a Deflated transfer syntax may inflate to (deflate bombs get 0xA700).
+    max_inflated_bytes: int = Field(default=2 << 30, ge=1 << 20)
+
+    @model_validator(mode="after")
+    def _tls_needs_cert(self) -> DicomSettings:
+        if self.tls is not None and (self.tls.cert_file is None or self.tls.key_file is None):
+            raise ValueError("tls needs cert_file and key_file for the receiver")
+        if self.tls is not None and self.tls.require_client_cert and self.tls.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file")
+        return self
 
 
 class DestinationSettings(BaseModel):
@@ -45,6 +96,7 @@ class DestinationSettings(BaseModel):
     backoff_max_seconds: float = Field(default=300.0, ge=0.0, le=86400.0)
     retries: int | None = Field(default=None, ge=0, le=999)
     backoff_seconds: float | None = Field(default=None, ge=0.0, le=86400.0)
+    tls: TlsSettings | None = None
 
     @model_validator(mode="after")
     def _map_legacy_keys(self) -> DestinationSettings:
@@ -70,20 +122,49 @@ class DeliverySettings(BaseModel):
     echo_timeout_seconds: float = Field(default=3.0, gt=0.0, le=60.0)
 
 
+class SeriesMatch(BaseModel):
+    """A series a study must hold before it counts as complete (all given fields must hold)."""
+
+    model_config = _SECTION
+    modality: list[str] = Field(default_factory=list)
+    series_description: str | None = None  # regex, case-insensitive search
+    body_part: str | None = None
+    orientation: str | None = None
+    min_slices: int = Field(default=1, ge=1)
+    image_type: list[str] = Field(default_factory=list)
+
+
 class CompletionSettings(BaseModel):
     """When a study counts as complete: shortly after the sender releases its association (the main signal),
-    or after a quiet period without new instances (the fallback for senders that trickle or abort)."""
+    or after a quiet period without new instances (the fallback for senders that trickle or abort); with
+    optional required series (all_of / any_of) and a hard deadline that processes or discards what came."""
 
     model_config = _SECTION
     study_quiet_seconds: float = Field(default=30.0, gt=0.0)
     # Grace after an association's release for a follow-up association of the same study; null disables
     # the release signal (quiet period only).
     association_grace_seconds: float | None = Field(default=1.0, ge=0.0, le=3600.0)
+    series_quiet_seconds: float | None = Field(default=None, ge=0.0)
+    all_of: list[SeriesMatch] = Field(default_factory=list)
+    any_of: list[SeriesMatch] = Field(default_factory=list)
+    deadline_seconds: float | None = Field(default=None, gt=0.0)
+    on_deadline: Literal["process", "discard"] = "process"
+
+    @model_validator(mode="after")
+    def _rules_hold_together(self) -> CompletionSettings:
+        self.rules()  # the router's own validation: ValueError says which combination is wrong
+        return self
+
+    def rules(self) -> CompletionRules:
+        return CompletionRules.from_mapping(self.model_dump())
 
 
 class StorageSettings(BaseModel):
     model_config = _SECTION
     data_dir: Path = Path("./radai-data")
+    # The receiver answers 0xA700 (out of resources) rather than fill the disk past either limit.
+    spool_max_used_fraction: float = Field(default=0.95, gt=0.0, le=1.0)
+    spool_min_free_bytes: int = Field(default=512 * 1024 * 1024, ge=0)
 
     @property
     def spool_dir(self) -> Path:

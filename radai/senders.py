@@ -12,10 +12,25 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_router.scu import DeliveryFailed, Destination, send_datasets
-from radai.config import DestinationSettings
+from dicom_router.security import TlsSettings as RouterTls
+from dicom_router.security import client_context
+from radai.config import DestinationSettings, TlsSettings
 from radai.errors import DeliveryError
 
 log = logging.getLogger(__name__)
+
+
+def router_tls(tls: TlsSettings | None) -> RouterTls | None:
+    """The dicom_router form of a TLS section of the settings."""
+    if tls is None:
+        return None
+    return RouterTls(
+        cert_file=tls.cert_file,
+        key_file=tls.key_file,
+        ca_file=tls.ca_file,
+        require_client_cert=tls.require_client_cert,
+        check_hostname=tls.check_hostname,
+    )
 
 
 class DicomSender:
@@ -34,6 +49,7 @@ class DicomSender:
         self._calling_ae = calling_ae
         self._timeout = timeout_s
         self._echo_timeout = echo_timeout_s
+        self._tls = router_tls(dest.tls)
 
     @property
     def name(self) -> str:
@@ -42,7 +58,12 @@ class DicomSender:
     def send(self, datasets: Sequence[Dataset]) -> None:
         try:
             send_datasets(
-                datasets, self._target, calling_ae=self._calling_ae, retries=0, timeout_s=self._timeout
+                datasets,
+                self._target,
+                calling_ae=self._calling_ae,
+                retries=0,
+                timeout_s=self._timeout,
+                tls=self._tls,
             )
         except DeliveryFailed as exc:
             raise DeliveryError(f"destination {self._dest.name}: {exc}") from exc
@@ -54,7 +75,10 @@ class DicomSender:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self._echo_timeout
         ae.connection_timeout = self._echo_timeout
         try:
-            assoc = ae.associate(self._dest.host, self._dest.port, ae_title=self._dest.ae_title)
+            tls_args = (client_context(self._tls), self._dest.host) if self._tls is not None else None
+            assoc = ae.associate(
+                self._dest.host, self._dest.port, ae_title=self._dest.ae_title, tls_args=tls_args
+            )
             if not assoc.is_established:
                 return False
             try:

@@ -131,7 +131,7 @@ class Workflow:
         store: JobStore,
         *,
         workers: int = 4,
-        release_instances: Callable[[Sequence[Path]], None] | None = None,
+        release_instances: Callable[[Sequence[Path], float], None] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._slots = dict(slots)
@@ -298,5 +298,7 @@ class Workflow:
     def _release_study(self, study_uid: str) -> None:
         """Privacy by default: received images leave the spool once their results are delivered."""
         if self._release is not None:
-            self._release(self._store.spool_paths(study_uid))
+            # Files written after the study was handed off are a re-sent copy of a later hand-off: kept.
+            handed_off = self._store.get_study(study_uid).completed_at
+            self._release(self._store.spool_paths(study_uid), handed_off)
         self._store.forget_spool(study_uid)

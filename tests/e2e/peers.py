@@ -65,7 +65,7 @@ def radai_serve(
     config: dict[str, object] = {
         "dicom": {"ae_title": "RADAI", "host": "127.0.0.1", "port": server.dicom_port},
         "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
-        "storage": {"data_dir": str(server.data_dir)},
+        "storage": {"data_dir": str(server.data_dir), "spool_min_free_bytes": 64 * 1024 * 1024},
         "api": {"host": "127.0.0.1", "port": server.api_port},
         "scheduler": {"max_wait_seconds": max_wait_seconds},
     }

@@ -63,7 +63,11 @@ def parts(tmp_path: Path) -> Iterator[tuple[Workflow, SqliteJobStore, FolderSend
     released: list[Path] = []
     delivery = DeliveryService(store, [sender], Outbox(tmp_path / "outbox"), poll_seconds=0.05)
     workflow = Workflow(
-        {pkg.key: ModelSlot(pkg, scheduler)}, delivery, store, workers=2, release_instances=released.extend
+        {pkg.key: ModelSlot(pkg, scheduler)},
+        delivery,
+        store,
+        workers=2,
+        release_instances=lambda paths, _at: released.extend(paths),
     )
     delivery.add_listener(workflow.delivery_settled)
     delivery.start()
