@@ -22,7 +22,7 @@ import pydicom
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import CTImageStorage, MRImageStorage
+from pydicom.uid import CTImageStorage, DeflatedExplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE, _config
 
 from dicom_router.statuses import describe
@@ -97,6 +97,27 @@ def _patch_vr(tag: tuple[int, int], vr: bytes) -> bytes:
     return meta + bytes(out)
 
 
+CAP_INFLATED = 64 << 20  # the catalogue's SCP runs with max_inflated_bytes at 64 MiB
+
+
+def _deflated(padding: int) -> bytes:
+    """The CT slice as Deflated Explicit VR Little Endian; `padding` zero bytes in a private OB element
+    deflate to almost nothing, which makes a bomb."""
+    ds = pydicom.dcmread(CT_FILE)
+    if padding:
+        ds.private_block(0x0011, "RADAI TEST", create=True).add_new(0x00, "OB", b"\0" * padding)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buf = DicomBytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return bytes(buf.getvalue())
+
+
+def _cut(part10: bytes) -> bytes:
+    """The deflate stream cut short: it never reaches its end block."""
+    off = dataset_offset(part10)
+    return part10[: off + (len(part10) - off) * 6 // 10]
+
+
 def _mutations() -> Iterator[Entry]:
     meta, body = _ct_parts()
     for pct in (0.1, 1, 3, 10, 25, 50, 75, 90, 99, 99.9):
@@ -168,6 +189,13 @@ def _mutations() -> Iterator[Entry]:
         "pixel data",
         lambda: _edited(lambda ds: setattr(ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 2])),
     )
+    yield Entry("deflated data set, valid", "deflate", lambda: _deflated(0))
+    yield Entry(
+        f"deflate bomb: inflates past the {CAP_INFLATED >> 20} MiB cap",
+        "deflate",
+        lambda: _deflated(4 * CAP_INFLATED),
+    )
+    yield Entry("deflated data set cut short", "deflate", lambda: _cut(_deflated(0)))
     yield Entry("the valid CT slice (control)", "control", lambda: CT_FILE.read_bytes())
 
 
@@ -299,7 +327,14 @@ def _main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        scp = StoreSCP("RADAI", LOOPBACK, 0, Spool(tmp / "spool"), on_instance=lambda _h: None)
+        scp = StoreSCP(
+            "RADAI",
+            LOOPBACK,
+            0,
+            Spool(tmp / "spool"),
+            on_instance=lambda _h: None,
+            max_inflated_bytes=CAP_INFLATED,
+        )
         scp.start()
         try:
             sys.stdout.write(markdown(run_all(scp.port, tmp)))

@@ -9,7 +9,7 @@ import pytest
 
 from dicom_router.scp import StoreSCP
 from dicom_router.spool import Spool
-from tests.dicom_router.hostile_catalogue import CT_FILE, DOC, catalogue, documented, send
+from tests.dicom_router.hostile_catalogue import CAP_INFLATED, CT_FILE, DOC, catalogue, documented, send
 
 pytestmark = pytest.mark.skipif(not CT_FILE.is_file(), reason="../shared test data not present")
 
@@ -30,7 +30,9 @@ def test_every_hostile_input_gets_its_documented_answer_and_the_scp_keeps_servin
     table = documented()
     control = CT_FILE.read_bytes()
     spool = Spool(tmp_path / "spool")
-    scp = StoreSCP("RADAI", "127.0.0.1", 0, spool, on_instance=lambda _h: None)
+    scp = StoreSCP(
+        "RADAI", "127.0.0.1", 0, spool, on_instance=lambda _h: None, max_inflated_bytes=CAP_INFLATED
+    )
     scp.start()
     wrong: list[str] = []
     try:
