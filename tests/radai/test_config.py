@@ -65,3 +65,13 @@ def test_unknown_key_is_refused(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_every_yaml_example_in_the_readme_is_a_valid_config(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    blocks = readme.split("```yaml\n")[1:]
+    assert len(blocks) >= 3
+    for i, block in enumerate(blocks):
+        cfg = tmp_path / f"example{i}.yaml"
+        cfg.write_text(block.split("```")[0])
+        load_settings(cfg)  # raises ConfigError naming the key if an example drifted from the settings
