@@ -26,7 +26,7 @@ from dicom_router.assembler import Series, Study
 from dicom_router.selection import select_series
 from radai import metrics
 from radai.domain import JobRecord, JobSpec, JobState, Stage, StudyRecord, StudyState, hashed, job_id_for
-from radai.errors import InferenceError, NotFoundError, RadaiError
+from radai.errors import EncodingError, InferenceError, NotFoundError, RadaiError
 from radai.imaging.resample import prepare, to_source_grid
 from radai.imaging.volume import Volume, build_volume
 from radai.models.manifest import ModelCard
@@ -114,6 +114,9 @@ def run_pipeline(
 ) -> JobResult:
     """Everything between 'queued' and 'encoded' for one job, on datasets already read."""
     volume = build_volume(datasets)
+    if volume.frame_numbers is not None:
+        # Refused before inference so no GPU time is spent on a result that cannot be encoded yet.
+        raise EncodingError("SEG output for Enhanced multi-frame sources is not supported yet")
     by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
     source = [by_uid[uid] for uid in volume.sop_instance_uids]
     labels = infer_labels(volume, card, inferer, job_id)
