@@ -15,7 +15,7 @@ from dicom_router.assembler import Assembler, Study
 from dicom_router.headers import read_header
 from radai.config import bundled_models_dir
 from radai.delivery import DeliveryService, Outbox, RetryPolicy
-from radai.domain import DeliveryState, JobState, StudyState
+from radai.domain import DeliveryState, JobRecord, JobState, StudyState
 from radai.models.registry import open_package
 from radai.runtime import create_runner
 from radai.scheduling.loop import Scheduler
@@ -37,6 +37,16 @@ def study_from(folder: Path) -> Study:
         assembler.add(read_header(path, "MODALITY", 0.0), now=0.0)
     (study,) = assembler.pop_complete(now=10.0)
     return study
+
+
+def run_one(workflow: Workflow, store: SqliteJobStore, folder: Path) -> tuple[Study, StudyState, JobRecord]:
+    """Hand the folder's study to the workflow, drain it, and return the study's final state and its job."""
+    study = study_from(folder)
+    workflow.on_study_complete(study)
+    workflow.close()
+    state = settled(store, study.study_uid)
+    (job,) = store.get_study(study.study_uid).jobs
+    return study, state, job
 
 
 def settled(store: SqliteJobStore, study_uid: str, timeout: float = 60.0) -> StudyState:
@@ -85,12 +95,8 @@ def test_complete_ct_study_gives_seg_and_sr_and_releases_the_spooled_images(
     parts: tuple[Workflow, SqliteJobStore, FolderSender, list[Path]], tmp_path: Path
 ) -> None:
     workflow, store, sender, released = parts
-    study = study_from(CT)
-    workflow.on_study_complete(study)
-    workflow.close()
-    assert settled(store, study.study_uid) is StudyState.DONE
-    record = store.get_study(study.study_uid)
-    (job,) = record.jobs
+    study, state, job = run_one(workflow, store, CT)
+    assert state is StudyState.DONE
     assert job.state is JobState.DELIVERED, job.reason
     assert set(job.stages) >= {"received", "complete", "queued", "inferred", "encoded", "delivered"}
     (delivery,) = job.deliveries
@@ -122,15 +128,11 @@ def test_tilted_series_fails_its_job_with_the_reason_and_keeps_the_images(
     parts: tuple[Workflow, SqliteJobStore, FolderSender, list[Path]],
 ) -> None:
     workflow, store, sender, released = parts
-    study = study_from(TILTED)
-    workflow.on_study_complete(study)
-    workflow.close()
-    assert settled(store, study.study_uid) is StudyState.FAILED
-    record = store.get_study(study.study_uid)
-    (job,) = record.jobs
+    study, state, job = run_one(workflow, store, TILTED)
+    assert state is StudyState.FAILED
     assert job.state is JobState.FAILED
     assert "NotAVolumeError" in job.reason and ("tilt" in job.reason or "spacing" in job.reason)
-    assert record.state is StudyState.FAILED
+    assert store.get_study(study.study_uid).state is StudyState.FAILED
     assert sender.written == [] and released == []
 
 
