@@ -1,6 +1,8 @@
 """Ingest speed: a real CT series (>= 200 slices) sent by DCMTK storescu to (a) DCMTK storescp writing files
 and (b) radai's storage SCP writing its durable spool (fsync + atomic rename per instance), alternating, in
-the same run; with 1 sender and with 4 concurrent senders.
+the same run; with 1 sender and with 4 concurrent senders. A third receiver row, "spool only", writes the
+same files through radai's durable spool with no network at all: the floor under any receiver on this disk
+that acknowledges an instance only once it is durable.
 
     python -m benchmarks.ingest [--repeats 3] [--slices 205] [--senders 1,4]
 
@@ -86,6 +88,19 @@ def serve(port: int, spool: Path) -> None:
         scp.stop()
 
 
+def spool_floor(folder: Path, spool_dir: Path) -> float:
+    """The same files written through radai's durable spool alone, in one thread, no network: the floor
+    under any single-association receiver that acknowledges only durable instances on this disk."""
+    from dicom_router.spool import Spool
+
+    payloads = [(p.name, p.read_bytes()) for p in sorted(folder.glob("*.dcm"))]
+    spool = Spool(spool_dir)
+    t0 = time.perf_counter()
+    for i, (_name, data) in enumerate(payloads):
+        spool.store(f"1.2.3.{i + 1}", data)
+    return time.perf_counter() - t0
+
+
 def spool_count(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*.dcm") if p.is_file())
 
@@ -111,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmp_name)
         nbytes = make_series(tmp / "series", args.slices)
         for senders in [int(s) for s in args.senders.split(",")]:
-            times: dict[str, list[float]] = {"storescp": [], "radai": []}
+            times: dict[str, list[float]] = {"storescp": [], "radai": [], "spool only": []}
             for r in range(args.repeats):
+                times["spool only"].append(spool_floor(tmp / "series", tmp / f"floor-{senders}-{r}"))
                 with dcmtk_storescp(tmp / f"dcmtk-{senders}-{r}", "--fork") as peer:
                     times["storescp"].append(send(peer.port, tmp / "series", senders))
                     wait_for(lambda p=peer: len(p.files()) >= args.slices, 60, "storescp files")

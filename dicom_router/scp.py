@@ -51,6 +51,7 @@ from pydicom.uid import (
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
@@ -369,7 +370,7 @@ class StoreSCP:
         if refusal is not None:
             return refusal
         try:
-            encoded = event.encoded_dataset(include_meta=True)
+            encoded = _part10(event, calling_ae)
             header = header_from_encoded(encoded, Path(), calling_ae, received_at)
         except ValueError as exc:
             log.warning("C-STORE from %s refused, cannot understand data set: %s", calling_ae, exc)
@@ -418,3 +419,13 @@ class StoreSCP:
             )
             return Status.OUT_OF_RESOURCES
         return None
+
+
+def _part10(event: Event, calling_ae: str) -> bytes:
+    """The received data set as Part 10 bytes, as ``Event.encoded_dataset`` builds them, with the sender's
+    AE title in the file meta (Source Application Entity Title): recovery after a restart reads it back."""
+    meta = event.file_meta
+    if 0 < len(calling_ae) <= 16 and all(" " <= c <= "~" and c != "\\" for c in calling_ae):  # AE VR
+        meta.SourceApplicationEntityTitle = calling_ae
+    stream = cast(BytesIO, cast(C_STORE, event.request).DataSet).getvalue()
+    return b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), stream))

@@ -375,3 +375,27 @@ def test_instances_survive_a_stop_and_are_recovered_by_the_next_receiver(
     assert studies.get(timeout=WAIT).instance_count == 10
     assert early.empty()
     assert len(second.spool.pending()) == 10
+
+
+def test_recovered_study_keeps_the_calling_ae_of_its_sender(
+    make_receiver: MakeReceiver, tmp_path: Path
+) -> None:
+    """The SCP records the sender's AE title in each spooled file's meta, so a study recovered after a restart
+    is still attributed to its sender."""
+    first_spool = tmp_path / "first"
+    clock = ManualClock()
+    unused: queue.Queue[Study] = queue.Queue()
+    sender = make_receiver(unused.put, clock=clock, spool_dir=first_spool)
+    assert storescu(sender.port, CT_FILES[:3], calling_ae="CT_SCANNER_7").returncode == 0
+    spooled = sorted(first_spool.glob("*.dcm"))
+    assert len(spooled) == 3
+    assert {pydicom.dcmread(p).file_meta.SourceApplicationEntityTitle for p in spooled} == {"CT_SCANNER_7"}
+
+    second_spool = tmp_path / "second"
+    second_spool.mkdir()
+    for path in spooled:
+        shutil.copy2(path, second_spool / path.name)
+    studies: queue.Queue[Study] = queue.Queue()
+    make_receiver(studies.put, spool_dir=second_spool, recovery_delay_seconds=0.0)
+    study = studies.get(timeout=WAIT)
+    assert study.calling_ae == "CT_SCANNER_7"
