@@ -41,16 +41,26 @@ MAX_CONTROL_PDU = 1 << 20
 #: A-ABORT PDU: source 0x02 (service provider), reason 0x06 (invalid PDU parameter value), PS3.8 9.3.8.
 _ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
 _CHUNK = 65536
+#: Largest data set one C-STORE may carry (as received): big multi-frame objects (tomosynthesis, whole-slide
+#: tiles) reach a few GiB, and pynetdicom buffers the whole message in memory.
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 30
+#: Longest an association may stay open: a day, so that a peer trickling small PDUs, each within the read
+#: timeout, cannot hold a slot for ever.
+DEFAULT_MAX_ASSOCIATION_S = 24 * 3600.0
 
 
 @dataclass(frozen=True)
 class TransportLimits:
     """Per-connection limits: the largest P-DATA-TF PDU accepted (what we announce), how long one PDU
-    (or the TLS handshake) may take to arrive, and how many TCP connections may be open at once."""
+    (or the TLS handshake) may take to arrive, how many TCP connections may be open at once, the largest
+    DIMSE message (a data set as received, before any inflation; pynetdicom holds it in memory) and how
+    long one association may last in all."""
 
     max_pdu_size: int
     read_timeout_s: float
     max_connections: int
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_association_s: float = DEFAULT_MAX_ASSOCIATION_S
 
     def __post_init__(self) -> None:
         if self.max_pdu_size < 4096:
@@ -59,6 +69,10 @@ class TransportLimits:
             raise ValueError("read timeout must be positive")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.max_message_bytes < self.max_pdu_size:
+            raise ValueError("max_message_bytes must be at least max_pdu_size")
+        if self.max_association_s <= 0:
+            raise ValueError("max_association_s must be positive")
 
     def allows(self, pdu_type: int, length: int) -> bool:
         """True when a PDU of this type and length may be read."""
@@ -81,12 +95,16 @@ class GuardedSocket(AssociationSocket):
     _header_next: bool = True
     _refuse_body: bool = False
     _handshaken: bool = False
+    _body_is_pdata: bool = False
+    _message_bytes: int = 0
+    _deadline: float = 0.0
 
     def guard(self, limits: TransportLimits) -> None:
         """Start enforcing ``limits``; also gives sends a timeout (pynetdicom leaves accepted sockets
         blocking forever)."""
         self._limits = limits
         self._header_next, self._refuse_body = True, False
+        self._message_bytes, self._deadline = 0, time.monotonic() + limits.max_association_s
         self._handshaken = not isinstance(self.socket, ssl.SSLSocket)
         if self.socket is not None:
             self.socket.settimeout(limits.read_timeout_s)
@@ -109,13 +127,37 @@ class GuardedSocket(AssociationSocket):
             self._restore_timeout()
         if self._header_next and len(data) == 6:
             pdu_type, _, length = struct.unpack(">BBL", data)
+            if time.monotonic() > self._deadline:
+                self._abort(f"kept its association open longer than {self._limits.max_association_s:.0f} s")
+                return bytearray()  # pynetdicom treats a short header as the connection closing
             if not self._limits.allows(pdu_type, length):
-                self._abort(pdu_type, length)
+                self._abort(f"sent a PDU of type 0x{pdu_type:02X} claiming {length} bytes, over the limit")
+                self._refuse_body = True
                 return data
             self._header_next = length == 0
+            self._body_is_pdata = pdu_type == P_DATA_TF
         elif not self._header_next:
             self._header_next = True
+            if self._body_is_pdata and self._over_message_limit(data):
+                self._abort(f"sent a data set over {self._limits.max_message_bytes} bytes")
+                return bytearray()  # a short body: pynetdicom treats the connection as closed
         return data
+
+    def _over_message_limit(self, body: bytearray) -> bool:
+        """Add the data-set fragments of a P-DATA-TF body (PS3.8 9.3.5.1) to the current message's size;
+        True once it is over the limit. A last fragment ends the message."""
+        offset = 0
+        while offset + 6 <= len(body):
+            item_length = int.from_bytes(body[offset : offset + 4], "big")
+            control = body[offset + 5]
+            if not control & 0x01:  # data set, not command
+                self._message_bytes += max(0, item_length - 2)
+                if self._message_bytes > self._limits.max_message_bytes:
+                    return True
+                if control & 0x02:
+                    self._message_bytes = 0
+            offset += 4 + item_length
+        return False
 
     def _restore_timeout(self) -> None:
         """Back to the plain timeout (sends use it too); the socket may have been closed meanwhile."""
@@ -149,14 +191,8 @@ class GuardedSocket(AssociationSocket):
             raise
         self._handshaken = True
 
-    def _abort(self, pdu_type: int, length: int) -> None:
-        log.warning(
-            "peer %s sent a PDU of type 0x%02X claiming %d bytes, over the limit; association aborted",
-            self._ip(),
-            pdu_type,
-            length,
-        )
-        self._refuse_body = True
+    def _abort(self, why: str) -> None:
+        log.warning("peer %s %s; association aborted", self._ip(), why)
         try:
             if self.socket is not None:
                 self.socket.sendall(_ABORT_INVALID_PARAMETER)

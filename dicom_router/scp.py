@@ -56,7 +56,14 @@ from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicom_router.headers import InstanceHeader, header_from_encoded
-from dicom_router.netguard import GuardedServer, TransportLimits, inflated_size_exceeds, peer_ip
+from dicom_router.netguard import (
+    DEFAULT_MAX_ASSOCIATION_S,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    GuardedServer,
+    TransportLimits,
+    inflated_size_exceeds,
+    peer_ip,
+)
 from dicom_router.security import (
     REJECT_CALLED_AE,
     REJECT_CALLING_AE,
@@ -124,6 +131,8 @@ class ScpOptions:
     network_timeout_s: float = DEFAULT_NETWORK_TIMEOUT_S
     max_pdu_size: int = MAX_PDU_SIZE
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_association_s: float = DEFAULT_MAX_ASSOCIATION_S
 
     def as_kwargs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -135,7 +144,8 @@ class StoreSCP:
     Keyword-only options (all optional): ``allowed`` (None: any sender), ``require_called_ae``,
     ``tls``, ``max_associations``, ``max_connections`` (default 4 x max_associations), the timeouts
     in seconds (``network_timeout_s`` is also the idle timeout of an association and the time one PDU may
-    take to arrive), ``max_pdu_size`` and ``max_inflated_bytes``. Invalid values raise ValueError."""
+    take to arrive), ``max_pdu_size``, ``max_inflated_bytes``, ``max_message_bytes`` (largest data set as
+    received) and ``max_association_s`` (longest association). Invalid values raise ValueError."""
 
     def __init__(
         self,
@@ -158,6 +168,8 @@ class StoreSCP:
         network_timeout_s: float = DEFAULT_NETWORK_TIMEOUT_S,
         max_pdu_size: int = MAX_PDU_SIZE,
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_association_s: float = DEFAULT_MAX_ASSOCIATION_S,
     ) -> None:
         if max_associations < 1:
             raise ValueError("max_associations must be at least 1")
@@ -169,6 +181,8 @@ class StoreSCP:
             max_pdu_size=max_pdu_size,
             read_timeout_s=network_timeout_s,
             max_connections=max_connections if max_connections is not None else 4 * max_associations,
+            max_message_bytes=max_message_bytes,
+            max_association_s=max_association_s,
         )
         self._allowed = None if allowed is None else tuple(allowed)
         self._require_called_ae = require_called_ae

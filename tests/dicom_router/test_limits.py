@@ -199,6 +199,34 @@ def test_p_data_pdu_longer_than_announced_aborts_the_association(tmp_path: Path)
         assert dcmtk("echoscu", running.port).returncode == 0
 
 
+def test_data_set_over_the_message_cap_aborts_the_association_and_stores_nothing(tmp_path: Path) -> None:
+    source = dcm_files(CT_SERIES)[0]
+    big = pydicom.dcmread(source)
+    big.private_block(0x0011, "RADAI TEST", create=True).add_new(0x00, "OB", b"\x01" * (1 << 20))
+    big_path = tmp_path / "big.dcm"
+    big.save_as(big_path, enforce_file_format=True)
+    with serving(tmp_path, max_message_bytes=1 << 20) as running:
+        refused = dcmtk("storescu", running.port, files=[big_path])
+
+        assert refused.returncode != 0
+        assert running.headers == [] and running.spool.pending() == []
+        assert dcmtk("storescu", running.port, files=[source]).returncode == 0
+        assert len(running.headers) == 1
+
+
+def test_association_open_past_its_maximum_duration_is_aborted_at_its_next_pdu(tmp_path: Path) -> None:
+    with (
+        serving(tmp_path, max_association_s=1.0) as running,
+        _association(running.port, [(VERIFICATION, "1.2.840.10008.1.2")], calling_ae="LINGERER") as assoc,
+    ):
+        assert int(assoc.send_c_echo().Status) == 0x0000  # within its time
+        time.sleep(1.5)
+        assoc.send_c_echo()
+
+        assert _wait_until(lambda: assoc.is_aborted)
+        assert dcmtk("echoscu", running.port).returncode == 0
+
+
 # --- deflate bombs ---------------------------------------------------------------------------------------
 
 
@@ -274,6 +302,8 @@ def test_inflated_size_check_is_exact_at_the_cap() -> None:
         {"network_timeout_s": 0.0},
         {"max_pdu_size": 1024},
         {"max_inflated_bytes": 0},
+        {"max_message_bytes": 4096},
+        {"max_association_s": 0.0},
     ],
 )
 def test_invalid_limits_are_refused(tmp_path: Path, options: dict[str, float]) -> None:
