@@ -16,15 +16,16 @@ from pathlib import Path
 from dicom_router.receiver import Receiver
 from dicom_router.scp import ScpOptions
 from dicom_router.security import AllowedPeer
-from radai.config import DicomSettings, Settings
+from radai.config import DestinationSettings, DicomSettings, Settings
 from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy
 from radai.errors import ConfigError, ModelPackageError, RadaiError
 from radai.models.registry import ModelPackage, RunnerFactory, discover, reference_check
-from radai.ports import ModelRunner
+from radai.ports import ModelRunner, ResultSender
 from radai.runtime import create_runner
 from radai.scheduling.loop import BatchRecord, Scheduler
 from radai.senders import DicomSender, router_tls
 from radai.storage.sqlite import SqliteJobStore
+from radai.stow import StowSender
 from radai.workflow import ModelSlot, Workflow
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ def scp_options(dicom: DicomSettings) -> ScpOptions:
         network_timeout_s=dicom.network_timeout_seconds,
         max_pdu_size=dicom.max_pdu_size,
         max_inflated_bytes=dicom.max_inflated_bytes,
+        max_message_bytes=max(dicom.max_dataset_bytes, dicom.max_pdu_size),
+        max_association_s=dicom.max_association_seconds,
     )
 
 
@@ -105,15 +108,7 @@ class Server:
         names = [d.name for d in settings.destinations]
         if len(set(names)) != len(names):
             raise ConfigError(f"invalid setting 'destinations': names must be unique ({', '.join(names)})")
-        senders = [
-            DicomSender(
-                d,
-                settings.dicom.ae_title,
-                timeout_s=settings.delivery.timeout_seconds,
-                echo_timeout_s=settings.delivery.echo_timeout_seconds,
-            )
-            for d in settings.destinations
-        ]
+        senders = [self._sender(d) for d in settings.destinations]
         if not senders:
             log.warning("no destinations configured: results will be computed but not sent anywhere")
         self.delivery = DeliveryService(
@@ -145,6 +140,16 @@ class Server:
             rules=settings.completion.rules(),
             scp_options=scp_options(settings.dicom),
         )
+
+    def _sender(self, dest: DestinationSettings) -> ResultSender:
+        """The destination's sender: DICOMweb STOW-RS for `type: stow`, else C-STORE."""
+        timeout, echo_timeout = (
+            self.settings.delivery.timeout_seconds,
+            self.settings.delivery.echo_timeout_seconds,
+        )
+        if dest.type == "stow":
+            return StowSender(dest, timeout_s=timeout, echo_timeout_s=echo_timeout)
+        return DicomSender(dest, self.settings.dicom.ae_title, timeout_s=timeout, echo_timeout_s=echo_timeout)
 
     def _on_batch(self, record: BatchRecord) -> None:
         self.store.record_batch(record.job_ids)

@@ -10,9 +10,18 @@ import importlib.util
 import ipaddress
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_router.completion import CompletionRules
@@ -68,6 +77,10 @@ class DicomSettings(BaseModel):
     max_pdu_size: int = Field(default=131072, ge=4096, le=2**31 - 1)
     # Largest data set a Deflated transfer syntax may inflate to (deflate bombs get 0xA700).
     max_inflated_bytes: int = Field(default=2 << 30, ge=1 << 20)
+    # Largest data set one C-STORE may carry as received (the association is aborted beyond it).
+    max_dataset_bytes: int = Field(default=4 << 30, ge=1 << 20)
+    # Longest an association may stay open, however active (a peer trickling PDUs cannot hold a slot).
+    max_association_seconds: float = Field(default=86400.0, gt=0.0)
 
     @model_validator(mode="after")
     def _tls_needs_cert(self) -> DicomSettings:
@@ -83,20 +96,69 @@ class DestinationSettings(BaseModel):
     retried after min(backoff_max_seconds, backoff_initial_seconds * backoff_factor**(n-1)); after
     max_attempts failed attempts the delivery is dead-lettered (`radai studies retry UID` queues it again).
     The older keys `retries` (extra attempts) and `backoff_seconds` are accepted: they set max_attempts to
-    retries + 1 and backoff_initial_seconds, unless those are given too."""
+    retries + 1 and backoff_initial_seconds, unless those are given too.
+
+    `type: dimse` (the default) sends by C-STORE to ae_title@host:port (optionally over `tls`);
+    `type: stow` sends by DICOMweb STOW-RS to `{url}/studies`, with HTTP basic (username/password) or
+    bearer (token) authentication and `ca_file` to verify an https server (system CAs if omitted).
+    ae_title "" and port 0 stand for "not given" (they keep their plain types for the DIMSE sender)."""
 
     model_config = _SECTION
     name: str = Field(min_length=1, max_length=64)
-    ae_title: str = Field(pattern=_AE)
-    host: str
-    port: int = Field(ge=1, le=65535)
+    type: Literal["dimse", "stow"] = "dimse"
+    ae_title: str = Field(default="", pattern=_AE)
+    host: str = ""
+    port: int = Field(default=0, ge=1, le=65535)
+    tls: TlsSettings | None = None
+    url: str | None = None
+    username: str | None = Field(default=None, min_length=1)
+    password: SecretStr | None = None
+    token: SecretStr | None = None
+    ca_file: Path | None = None
     max_attempts: int = Field(default=20, ge=1, le=1000)
     backoff_initial_seconds: float = Field(default=2.0, ge=0.0, le=86400.0)
     backoff_factor: float = Field(default=2.0, ge=1.0, le=10.0)
     backoff_max_seconds: float = Field(default=300.0, ge=0.0, le=86400.0)
     retries: int | None = Field(default=None, ge=0, le=999)
     backoff_seconds: float | None = Field(default=None, ge=0.0, le=86400.0)
-    tls: TlsSettings | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("url must be an http:// or https:// address with a host")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("url must not hold credentials (use username/password or token)")
+        if parts.query or parts.fragment:
+            raise ValueError("url must be the DICOMweb base, without query or fragment")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _keys_of_the_type(self) -> DestinationSettings:
+        given = self.model_fields_set
+        dimse_keys = [k for k in ("ae_title", "host", "port", "tls") if k in given]
+        stow_keys = [k for k in ("url", "username", "password", "token", "ca_file") if k in given]
+        if self.type == "dimse":
+            missing = [k for k in ("ae_title", "host", "port") if k not in given]
+            if missing:
+                raise ValueError(f"type dimse needs ae_title, host and port (missing: {', '.join(missing)})")
+            if stow_keys:
+                raise ValueError(f"{', '.join(stow_keys)}: only for type stow")
+            return self
+        if self.url is None:
+            raise ValueError("type stow needs url (the DICOMweb base, http:// or https://)")
+        if dimse_keys:
+            raise ValueError(f"{', '.join(dimse_keys)}: only for type dimse")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.token is not None and self.username is not None:
+            raise ValueError("give either username/password or token, not both")
+        if self.ca_file is not None and not self.url.startswith("https://"):
+            raise ValueError("ca_file needs an https:// url")
+        return self
 
     @model_validator(mode="after")
     def _map_legacy_keys(self) -> DestinationSettings:
