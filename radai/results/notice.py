@@ -1,0 +1,154 @@
+"""The "AI did not run" notice: a short SR sent to the PACS when a study matched a model but its job failed
+or was refused, so that silence never reads as "normal".
+
+It is a TID 1500 Imaging Measurement Report with no measurement group: the observer is the device (model id
+and version), the image library lists the series the model was given, and a Qualitative Evaluations
+container says in plain text that the analysis was not performed, by which model, and why. Viewers that list
+measurement reports (OHIF) list it in the study; every SR viewer shows its text. Pure: returns a pydicom
+Dataset built with highdicom.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.sr.templates import DEFAULT_LANGUAGE
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from radai.errors import EncodingError
+from radai.results.seg import MANUFACTURER, Algorithm, creation_dates, result_uid
+from radai.results.uids import derived_uid
+
+NOT_PERFORMED_TEXT = "AI analysis NOT performed: do not read the absence of AI results as a normal finding"
+_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
+    value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
+)
+_SOURCE = hd.sr.CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source")
+_REASON_MAX = 400
+
+
+@dataclass(frozen=True)
+class NoticeRequest:
+    """Input of :func:`build_notice`: the series the model was given (headers are enough: no pixels are
+    read), the model, and the reason in words (no patient data: it comes from radai's own errors)."""
+
+    source: Sequence[Dataset]
+    algorithm: Algorithm
+    reason: str
+    series_number: int = 909
+    created: datetime.datetime | None = None
+
+
+def notice_description(algorithm: Algorithm) -> str:
+    """The notice's SeriesDescription, clipped to the 64 characters of a LO value."""
+    text = f"AI NOT RUN {algorithm.name}"
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def _text(value: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=value, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _statement(req: NoticeRequest) -> hd.sr.ContainerContentItem:
+    algo = req.algorithm
+    reason = " ".join(req.reason.split())[:_REASON_MAX] or "unknown reason"
+    container = hd.sr.ContainerContentItem(
+        name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            _text(NOT_PERFORMED_TEXT),
+            _text(f"Model: {algo.name} ({algo.model_id} version {algo.version})"),
+            _text(f"Reason: {reason}"),
+        ]
+    )
+    return container
+
+
+def _library(source: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+    group = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    group.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.ImageContentItem(
+                name=_SOURCE,
+                referenced_sop_class_uid=str(ds.SOPClassUID),
+                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+            for ds in source
+        ]
+    )
+    library = hd.sr.ContainerContentItem(
+        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+    library.ContentSequence = hd.sr.ContentSequence([group])
+    return library
+
+
+def _content(req: NoticeRequest) -> hd.sr.ContentSequence:
+    """The TID 1500 root as highdicom's MeasurementReport writes it, which insists on at least one imaging
+    measurement: TID 1500 needs Imaging Measurements *or* Qualitative Evaluations, and a notice has only the
+    latter, so the root is assembled here from highdicom's content items."""
+    algo = req.algorithm
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=derived_uid("radai", "device", algo.model_id, algo.version),
+        name=algo.model_id,
+        manufacturer_name=MANUFACTURER,
+        model_name=algo.version,
+    )
+    context = hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device, observer_identifying_attributes=device
+        )
+    )
+    root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport, template_id="1500")
+    root.ContentSequence = hd.sr.ContentSequence()
+    root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
+    root.ContentSequence.extend(context)
+    root.ContentSequence.append(
+        hd.sr.CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=codes.SCT.ImagingProcedure,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    root.ContentSequence.append(_library(req.source))
+    root.ContentSequence.append(_statement(req))
+    return hd.sr.ContentSequence([root], is_root=True)
+
+
+def build_notice(req: NoticeRequest) -> Dataset:
+    """A COMPLETE, UNVERIFIED Comprehensive SR saying the model did not run on ``req.source`` and why.
+
+    Its UIDs derive from the study, series and model, so a second failure of the same job replaces the
+    first notice at the PACS instead of adding one. Raises :class:`EncodingError` on unusable input."""
+    if not req.source:
+        raise EncodingError("the notice needs the headers of the series the model was given")
+    algo = req.algorithm
+    try:
+        return hd.sr.ComprehensiveSR(
+            evidence=list(req.source),
+            content=_content(req),
+            series_instance_uid=result_uid(req.source, algo, "notice", "series"),
+            series_number=req.series_number,
+            sop_instance_uid=result_uid(req.source, algo, "notice", "instance"),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=algo.model_id,
+            software_versions=algo.version,
+            series_description=notice_description(algo),
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            **creation_dates(req.created),
+        )
+    except (ValueError, TypeError, AttributeError, KeyError) as exc:
+        raise EncodingError(f"notice SR could not be built: {exc}") from exc
