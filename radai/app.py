@@ -17,7 +17,7 @@ from dicom_router.receiver import Receiver
 from dicom_router.scp import ScpOptions
 from dicom_router.security import AllowedPeer
 from radai.config import DestinationSettings, DicomSettings, Settings
-from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy
+from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy, plan_from_settings
 from radai.errors import ConfigError, ModelPackageError, RadaiError
 from radai.models.registry import ModelPackage, RunnerFactory, discover, reference_check
 from radai.ports import ModelRunner, ResultSender
@@ -116,6 +116,7 @@ class Server:
             senders,
             Outbox(settings.storage.data_dir / "outbox"),
             {d.name: RetryPolicy.from_settings(d) for d in settings.destinations},
+            {d.name: plan_from_settings(d) for d in settings.destinations},
             poll_seconds=settings.delivery.poll_seconds,
         )
         self.probe = DestinationProbe(senders, ttl_seconds=settings.delivery.echo_cache_seconds)
@@ -125,6 +126,7 @@ class Server:
             self.store,
             workers=settings.scheduler.job_workers,
             release_instances=self._release,
+            rejected_dir=settings.storage.data_dir / "rejected",
         )
         self.delivery.add_listener(self.workflow.delivery_settled)
         self.receiver = Receiver(

@@ -91,6 +91,13 @@ class DicomSettings(BaseModel):
         return self
 
 
+OutputKind = Literal["seg", "sr", "sc", "gsps", "notice"]
+
+
+def _default_outputs() -> list[OutputKind]:
+    return ["seg", "sr", "notice"]
+
+
 class DestinationSettings(BaseModel):
     """A PACS that receives results, and how its outbound queue retries: attempt n (1-based) that fails is
     retried after min(backoff_max_seconds, backoff_initial_seconds * backoff_factor**(n-1)); after
@@ -121,6 +128,20 @@ class DestinationSettings(BaseModel):
     backoff_max_seconds: float = Field(default=300.0, ge=0.0, le=86400.0)
     retries: int | None = Field(default=None, ge=0, le=999)
     backoff_seconds: float | None = Field(default=None, ge=0.0, le=86400.0)
+    # Result objects this destination gets: seg, sr (TID 1500), sc (Secondary Capture, overlay burned in),
+    # gsps (outlines as a presentation state), notice (an SR when a model did not run on a matching study).
+    outputs: list[OutputKind] = Field(default_factory=_default_outputs, min_length=1)
+    # SEG encoding: BINARY (every viewer) or LABELMAP (Label Map Segmentation, newer viewers); frames
+    # without any segment omitted (smaller) or kept (one frame per source slice and segment).
+    seg_type: Literal["binary", "labelmap"] = "binary"
+    seg_empty_frames: Literal["omit", "keep"] = "omit"
+
+    @field_validator("outputs")
+    @classmethod
+    def _unique_outputs(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("outputs must not repeat a kind")
+        return value
 
     @field_validator("url")
     @classmethod

@@ -26,6 +26,7 @@ from radai import metrics
 from radai.config import DestinationSettings
 from radai.domain import DeliveryRecord, DeliveryState
 from radai.errors import RadaiError
+from radai.outputs import KINDS, Output, OutputPlan, SegVariant, select
 from radai.ports import Clock, DeliveryQueue, ResultSender
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,14 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def plan_from_settings(dest: DestinationSettings) -> OutputPlan:
+    """The destination's outputs, SEG type and empty-frame choice as an OutputPlan."""
+    return OutputPlan(
+        kinds=frozenset(k for k in KINDS if k in dest.outputs),
+        seg=SegVariant(labelmap=dest.seg_type == "labelmap", keep_empty=dest.seg_empty_frames == "keep"),
+    )
+
+
 class DeliveryService:
     """Implements radai.ports.ResultDelivery on a DeliveryQueue (the job store) and one sender per destination."""
 
@@ -106,6 +115,7 @@ class DeliveryService:
         senders: Sequence[ResultSender],
         outbox: Outbox,
         policies: Mapping[str, RetryPolicy] | None = None,
+        plans: Mapping[str, OutputPlan] | None = None,
         *,
         clock: Clock = time.time,
         poll_seconds: float = 0.5,
@@ -116,6 +126,7 @@ class DeliveryService:
             raise ValueError("destination names must be unique")
         self._outbox = outbox
         self._policies = {name: (policies or {}).get(name, RetryPolicy()) for name in self._senders}
+        self._plans = {name: (plans or {}).get(name, OutputPlan()) for name in self._senders}
         self._clock = clock
         self._poll = poll_seconds
         self._files_lock = threading.Lock()
@@ -128,19 +139,30 @@ class DeliveryService:
     def destinations(self) -> tuple[str, ...]:
         return tuple(self._senders)
 
+    @property
+    def plans(self) -> Mapping[str, OutputPlan]:
+        """What each destination gets."""
+        return dict(self._plans)
+
     def add_listener(self, on_settled: Callable[[str], None]) -> None:
         """Called with a job id whenever one of its deliveries is acknowledged or dead-lettered."""
         self._listeners.append(on_settled)
 
-    def submit(self, job_id: str, study_uid: str, datasets: Sequence[Dataset]) -> None:
-        """Write the results to the outbox and queue one delivery per destination (once per pair, ever)."""
+    def submit(self, job_id: str, study_uid: str, outputs: Sequence[Output]) -> None:
+        """Write the results to the outbox and queue one delivery per destination (once per pair, ever) with
+        the outputs its plan wants; a destination that wants none of them gets no delivery."""
         if not self._senders:
             return
+        keys = [o.key for o in outputs]
         with self._files_lock:
-            files = self._outbox.write(job_id, datasets)
+            files = self._outbox.write(job_id, [o.dataset for o in outputs])
             now = self._clock()
             for name in self._senders:
-                state = self._queue.enqueue_delivery(job_id, study_uid, name, files, now)
+                chosen = [files[i] for i in select(keys, self._plans[name])]
+                if not chosen:
+                    log.info("job %s: nothing for %s (outputs %s)", job_id, name, ", ".join(keys))
+                    continue
+                state = self._queue.enqueue_delivery(job_id, study_uid, name, chosen, now)
                 log.info("job %s: delivery to %s %s", job_id, name, state.value)
         for event in self._wake.values():
             event.set()

@@ -17,10 +17,10 @@ from radai.errors import ConfigError
 from radai.imaging.synth import mr_series_from_nifti
 from radai.imaging.volume import Volume
 from radai.models.registry import ModelPackage, open_package
+from radai.pipeline import run_pipeline
 from radai.runtime import create_runner
 from radai.scheduling.loop import Scheduler
 from radai.senders import FolderSender
-from radai.workflow import run_pipeline
 
 DEMO_MODEL = "brain_tissue"
 DEMO_SAMPLE = Path("samples") / "t1_crop.nii.gz"

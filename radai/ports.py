@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +20,7 @@ from radai.domain import (
     StudyRecord,
     StudyState,
 )
+from radai.outputs import Output, OutputPlan
 
 
 class ModelRunner(Protocol):
@@ -122,4 +123,9 @@ class ResultDelivery(Protocol):
     @property
     def destinations(self) -> tuple[str, ...]: ...
 
-    def submit(self, job_id: str, study_uid: str, datasets: Sequence[Dataset]) -> None: ...
+    @property
+    def plans(self) -> Mapping[str, OutputPlan]:
+        """What each destination gets (the workflow builds their union)."""
+        ...
+
+    def submit(self, job_id: str, study_uid: str, outputs: Sequence[Output]) -> None: ...

@@ -17,24 +17,21 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pydicom
-from numpy.typing import NDArray
 from pydicom import Dataset
 
 from dicom_router.assembler import Series, Study
 from dicom_router.selection import select_series
 from radai import metrics
 from radai.domain import JobRecord, JobSpec, JobState, Stage, StudyRecord, StudyState, hashed, job_id_for
-from radai.errors import EncodingError, InferenceError, NotFoundError, RadaiError
-from radai.imaging.resample import prepare, to_source_grid
-from radai.imaging.volume import Volume, build_volume
+from radai.errors import EncodingError, NotFoundError, RadaiError
 from radai.models.manifest import ModelCard
 from radai.models.registry import ModelPackage
+from radai.outputs import Output, needed
+from radai.pipeline import algorithm_of, run_pipeline
 from radai.ports import JobStore, PatchInferer, ResultDelivery
-from radai.results.seg import Algorithm, CodedConcept, SegmentSpec, SegRequest, build_seg
-from radai.results.sr import SegmentMeasurement, SrRequest, build_sr, measure_volumes
-from radai.scheduling.inferer import sliding_window
+from radai.results.gate import problems
+from radai.results.notice import NoticeRequest, build_notice
 
 log = logging.getLogger(__name__)
 
@@ -47,85 +44,6 @@ class ModelSlot:
     inferer: PatchInferer
 
 
-@dataclass(frozen=True)
-class JobResult:
-    job_id: str
-    datasets: tuple[Dataset, ...]
-    labels: NDArray[np.uint8]
-    volume: Volume
-
-
-def _segments(card: ModelCard) -> list[SegmentSpec]:
-    return [
-        SegmentSpec(
-            value=lab.value,
-            name=lab.name,
-            category=CodedConcept(lab.category.scheme, lab.category.value, lab.category.meaning),
-            type=CodedConcept(lab.type.scheme, lab.type.value, lab.type.meaning),
-            color=lab.color,
-        )
-        for lab in card.labels
-    ]
-
-
-def infer_labels(volume: Volume, card: ModelCard, inferer: PatchInferer, job_id: str) -> NDArray[np.uint8]:
-    """Model space, batched sliding window, back to the source grid, argmax: labels shaped like the volume."""
-    prepared = prepare(volume, card.input)
-    scores = sliding_window(
-        prepared.image, card.input, lambda p: inferer.infer(job_id, p), sw_batch_size=card.runtime.max_batch
-    )
-    if scores.shape[0] != card.output.channels:
-        raise InferenceError(f"model returned {scores.shape[0]} channels, card says {card.output.channels}")
-    back = to_source_grid(scores, prepared)
-    labels: NDArray[np.uint8] = np.argmax(back, axis=0).astype(np.uint8)
-    return labels
-
-
-def encode_results(
-    source: Sequence[Dataset], volume: Volume, labels: NDArray[np.uint8], card: ModelCard
-) -> tuple[Dataset, Dataset]:
-    """SEG (one segment per label present) and a TID 1500 SR with one volume per segment."""
-    algorithm = Algorithm(model_id=card.id, version=card.version, name=card.name)
-    specs = _segments(card)
-    seg = build_seg(SegRequest(source=source, labels=labels, segments=specs, algorithm=algorithm))
-    volumes = measure_volumes(labels, volume.voxel_volume_ml)
-    by_value = {s.value: s for s in specs}
-    present = [v for v in sorted(volumes) if v in by_value and volumes[v] > 0]
-    measurements = [
-        SegmentMeasurement(
-            segment_number=number,
-            name=by_value[value].name,
-            type=by_value[value].type,
-            volume_ml=volumes[value],
-            mean_value=float(volume.array[labels == value].mean()) if card.modality == "CT" else None,
-        )
-        for number, value in enumerate(present, start=1)
-    ]
-    sr = build_sr(SrRequest(seg=seg, source=source, measurements=measurements, algorithm=algorithm))
-    return seg, sr
-
-
-def run_pipeline(
-    datasets: Sequence[Dataset],
-    card: ModelCard,
-    inferer: PatchInferer,
-    job_id: str,
-    mark: Callable[[Stage], None] = lambda _s: None,
-) -> JobResult:
-    """Everything between 'queued' and 'encoded' for one job, on datasets already read."""
-    volume = build_volume(datasets)
-    if volume.frame_numbers is not None:
-        # Refused before inference so no GPU time is spent on a result that cannot be encoded yet.
-        raise EncodingError("SEG output for Enhanced multi-frame sources is not supported yet")
-    by_uid = {str(ds.SOPInstanceUID): ds for ds in datasets}
-    source = [by_uid[uid] for uid in volume.sop_instance_uids]
-    labels = infer_labels(volume, card, inferer, job_id)
-    mark(Stage.INFERRED)
-    seg, sr = encode_results(source, volume, labels, card)
-    mark(Stage.ENCODED)
-    return JobResult(job_id=job_id, datasets=(seg, sr), labels=labels, volume=volume)
-
-
 class Workflow:
     def __init__(
         self,
@@ -136,9 +54,14 @@ class Workflow:
         workers: int = 4,
         release_instances: Callable[[Sequence[Path], float], None] | None = None,
         clock: Callable[[], float] = time.time,
+        rejected_dir: Path | None = None,
+        validate_with_dciodvfy: bool = True,
     ) -> None:
         self._slots = dict(slots)
         self._delivery = delivery
+        self._wanted = needed(delivery.plans.values())
+        self._rejected = rejected_dir
+        self._dciodvfy = validate_with_dciodvfy
         self._store = store
         self._clock = clock
         self._release = release_instances
@@ -224,6 +147,11 @@ class Workflow:
             return False
         if job.state in (JobState.DELIVERING, JobState.DEAD_LETTER):
             return True
+        if job.state is JobState.FAILED:
+            # The same images, recovered from the spool after a restart, fail the same way: not run again (and
+            # no second notice). Images written after the study was handed off are a re-send: run again.
+            handed_off = self._store.get_study(job.study_uid).completed_at
+            return all(h.path.is_file() and h.path.stat().st_mtime <= handed_off for h in series.instances)
         return job.state is JobState.DELIVERED and not all(h.path.is_file() for h in series.instances)
 
     def _stage(self, spec: JobSpec, stage: Stage, at: float) -> None:
@@ -231,22 +159,23 @@ class Workflow:
 
     def _run_job(self, spec: JobSpec, slot: ModelSlot, series: Series) -> bool:
         card = slot.package.card
-        model = card.id
 
         def mark(stage: Stage) -> None:
             self._stage(spec, stage, self._clock())
 
+        datasets: list[Dataset] = []
         try:
             datasets = [pydicom.dcmread(h.path) for h in series.instances]
-            result = run_pipeline(datasets, card, slot.inferer, spec.job_id, mark)
-            outputs = [str(ds.SOPInstanceUID) for ds in result.datasets]
-            self._store.finish_job(spec.job_id, JobState.DELIVERING, outputs=outputs)
-            self._delivery.submit(spec.job_id, spec.study_uid, result.datasets)
+            result = run_pipeline(datasets, card, slot.inferer, spec.job_id, mark, self._wanted)
+            self._gate(spec.job_id, result.outputs, result.source)
+            uids = [str(o.dataset.SOPInstanceUID) for o in result.outputs]
+            self._store.finish_job(spec.job_id, JobState.DELIVERING, outputs=uids)
+            self._delivery.submit(spec.job_id, spec.study_uid, result.outputs)
         except (RadaiError, ValueError, OSError) as exc:
-            return self._fail(spec, model, f"{type(exc).__name__}: {exc}")
+            return self._fail(spec, card, f"{type(exc).__name__}: {exc}", datasets)
         except Exception as exc:  # a bug must fail the job with a reason, never kill the worker
             log.exception("job %s crashed", spec.job_id)
-            return self._fail(spec, model, f"internal error: {type(exc).__name__}: {exc}")
+            return self._fail(spec, card, f"internal error: {type(exc).__name__}: {exc}", datasets)
         log.info(
             "job %s encoded; queued for %d destination(s)", spec.job_id, len(self._delivery.destinations)
         )
@@ -254,13 +183,55 @@ class Workflow:
         self.delivery_settled(spec.job_id)
         return True
 
-    def _fail(self, spec: JobSpec, model: str, reason: str) -> bool:
+    def _gate(self, job_id: str, outputs: Sequence[Output], source: Sequence[Dataset]) -> None:
+        """The validation gate: raise EncodingError (after keeping the objects for inspection) when any
+        object must not leave."""
+        found = problems([o.dataset for o in outputs], source, dciodvfy=self._dciodvfy)
+        if not found:
+            return
+        kept = self._keep_rejected(job_id, outputs)
+        more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+        raise EncodingError(f"results failed validation: {found[0]}{more}{kept}")
+
+    def _keep_rejected(self, job_id: str, outputs: Sequence[Output]) -> str:
+        if self._rejected is None:
+            return ""
+        folder = self._rejected / job_id
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for index, output in enumerate(outputs):
+                output.dataset.save_as(folder / f"{index:03d}-{output.key}.dcm", enforce_file_format=True)
+        except (OSError, ValueError) as exc:
+            log.error("job %s: rejected results could not be kept: %s", job_id, exc)
+            return ""
+        return f"; kept in {folder.name} under the rejected folder"
+
+    def _fail(self, spec: JobSpec, card: ModelCard, reason: str, datasets: Sequence[Dataset]) -> bool:
         reason = reason.splitlines()[0][:500] if reason else "unknown error"
         log.warning("job %s failed: %s", spec.job_id, reason)
         self._store.finish_job(spec.job_id, JobState.FAILED, reason=reason)
-        metrics.JOBS.labels(model=model, outcome="failed").inc()
+        metrics.JOBS.labels(model=card.id, outcome="failed").inc()
+        self._notify(spec, card, reason, datasets)
         self._settle_study(spec.study_uid)
         return False
+
+    def _notify(self, spec: JobSpec, card: ModelCard, reason: str, datasets: Sequence[Dataset]) -> None:
+        """Send the "AI did not run" notice to the destinations that want it, so silence never reads as
+        "normal". Needs the series' headers; a series that could not even be read gets none (logged)."""
+        if not self._wanted.notice or not self._delivery.destinations:
+            return
+        source = [ds for ds in datasets if str(ds.get("SeriesInstanceUID", "")) == spec.series_uid]
+        if not source:
+            log.warning("job %s: no readable image of the series, no notice sent", spec.job_id)
+            return
+        try:
+            notice = build_notice(NoticeRequest(source=source, algorithm=algorithm_of(card), reason=reason))
+            self._gate(spec.job_id, [Output("notice", notice)], source)
+            self._delivery.submit(spec.job_id, spec.study_uid, [Output("notice", notice)])
+        except (RadaiError, ValueError, OSError) as exc:
+            log.error("job %s: the did-not-run notice could not be sent: %s", spec.job_id, exc)
+            return
+        log.info("job %s: did-not-run notice queued", spec.job_id)
 
     def delivery_settled(self, job_id: str) -> None:
         """A delivery of the job was acknowledged or dead-lettered: settle the job, then its study."""

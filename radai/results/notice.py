@@ -20,7 +20,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from radai.errors import EncodingError
-from radai.results.seg import MANUFACTURER, Algorithm, creation_dates, result_uid
+from radai.results.seg import MANUFACTURER, Algorithm, creation_dates, result_uid, with_type2
 from radai.results.uids import derived_uid
 
 NOT_PERFORMED_TEXT = "AI analysis NOT performed: do not read the absence of AI results as a normal finding"
@@ -135,7 +135,8 @@ def build_notice(req: NoticeRequest) -> Dataset:
     algo = req.algorithm
     try:
         return hd.sr.ComprehensiveSR(
-            evidence=list(req.source),
+            # highdicom copies patient and study from the first and raises on an absent type 2 attribute.
+            evidence=[with_type2(req.source[0]), *req.source[1:]],
             content=_content(req),
             series_instance_uid=result_uid(req.source, algo, "notice", "series"),
             series_number=req.series_number,

@@ -1,4 +1,5 @@
-"""DICOM SEG encoder: a label map on a series of single-frame images -> one BINARY Segmentation.
+"""DICOM SEG encoder: a label map on a series of single-frame images, or on the frames of one Enhanced
+multi-frame image -> one BINARY Segmentation.
 
 Pure: builds and returns a validated :class:`pydicom.Dataset` (via highdicom); another layer sends it.
 """
@@ -18,7 +19,8 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from radai.errors import EncodingError
+from radai.errors import EncodingError, NotAVolumeError
+from radai.imaging.multiframe import frames, is_multiframe, number_of_frames, with_shared_geometry
 from radai.results.uids import derived_uid
 
 MANUFACTURER = "radai"
@@ -27,6 +29,18 @@ MANUFACTURER = "radai"
 _LABEL_PARAMETER = "output_label"
 _LABEL_RE = re.compile(rf"(?:^|,){_LABEL_PARAMETER}=(\d+)(?:,|$)")
 _LO_MAX = 64
+# Type 2 Patient / General Study attributes highdicom copies from the source (it raises if one is absent).
+_TYPE2 = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+)
+_ORIENTATION_TOL = 1e-4  # as radai.imaging.volume
 
 
 @dataclass(frozen=True)
@@ -68,7 +82,9 @@ class SegRequest:
 
     ``source`` are single-frame images in slice order k = 0..Z-1; ``labels`` has shape
     (columns, rows, slices) and ``labels[c, r, k]`` is the label of pixel (row r, column c) of
-    ``source[k]``. ``created`` sets content/series date and time (highdicom uses "now" if None).
+    ``source[k]``. For an Enhanced multi-frame source, ``source`` is that ONE instance and
+    ``frame_numbers[k]`` the 1-based frame of slice k (``Volume.frame_numbers``); frames not named
+    stay empty. ``created`` sets content/series date and time (highdicom uses "now" if None).
     """
 
     source: Sequence[Dataset]
@@ -77,6 +93,13 @@ class SegRequest:
     algorithm: Algorithm
     series_number: int = 901
     created: datetime.datetime | None = None
+    frame_numbers: Sequence[int] | None = None
+    # LABELMAP: a Label Map Segmentation (one frame per plane, pixel = segment number) instead of BINARY.
+    labelmap: bool = False
+    # Keep frames without any segment (BINARY: one frame per plane and segment; LABELMAP: every plane).
+    keep_empty: bool = False
+    # Extra parts of the UID derivation: a variant other than the default is a different object.
+    uid_parts: tuple[str, ...] = ()
 
 
 def _lo(text: str) -> str:
@@ -113,20 +136,47 @@ def creation_dates(created: datetime.datetime | None) -> dict[str, Any]:
     return {"content_date": day, "content_time": time, "series_date": day, "series_time": time}
 
 
+def check_source(source: Sequence[Dataset], frame_numbers: Sequence[int] | None = None) -> None:
+    """Refuse a source no SEG can be built on, before any inference is spent on it.
+
+    Either single-frame images (``frame_numbers`` None), or one multi-frame instance whose frames
+    ``frame_numbers`` names (each once, within 1..NumberOfFrames). More than one plane needs a frame
+    of reference: highdicom refuses such a SEG without one, and radai does not invent one for the source.
+    """
+    if len(source) == 0:
+        raise EncodingError("SEG needs at least one source image")
+    if frame_numbers is None:
+        if any(is_multiframe(ds) for ds in source):
+            raise EncodingError("SEG of a multi-frame source needs the frame number of each slice")
+        planes = len(source)
+    else:
+        if len(source) != 1 or "PerFrameFunctionalGroupsSequence" not in source[0]:
+            raise EncodingError(
+                f"SEG of multi-frame images needs exactly one Enhanced multi-frame source, got "
+                f"{len(source)} instances; send the frames as one instance (or as single-frame images)"
+            )
+        try:
+            planes = number_of_frames(source[0])
+        except NotAVolumeError as exc:
+            raise EncodingError(str(exc)) from exc
+        numbers = [int(n) for n in frame_numbers]
+        if len(set(numbers)) != len(numbers) or not all(1 <= n <= planes for n in numbers):
+            raise EncodingError(f"frame numbers must be distinct and within 1..{planes}")
+    if planes > 1 and not str(source[0].get("FrameOfReferenceUID") or ""):
+        raise EncodingError("source images have no FrameOfReferenceUID; a SEG of several planes needs one")
+
+
 def _check(req: SegRequest) -> tuple[NDArray[np.integer], list[SegmentSpec]]:
     """Validate the request; return the present label values' specs in value order."""
-    if len(req.source) == 0:
-        raise EncodingError("SEG needs at least one source image")
+    check_source(req.source, req.frame_numbers)
     labels = np.asarray(req.labels)
     if labels.ndim != 3 or not np.issubdtype(labels.dtype, np.integer):
         raise EncodingError(f"label map must be a 3-D integer array, got {labels.ndim}-D {labels.dtype}")
     first = req.source[0]
-    expected = (int(first.Columns), int(first.Rows), len(req.source))
+    slices = len(req.source) if req.frame_numbers is None else len(req.frame_numbers)
+    expected = (int(first.Columns), int(first.Rows), slices)
     if labels.shape != expected:
         raise EncodingError(f"label map shape {labels.shape} does not match source (X, Y, Z) {expected}")
-    for ds in req.source:
-        if int(getattr(ds, "NumberOfFrames", 1)) != 1:
-            raise EncodingError("SEG source images must be single-frame images")
     by_value = {spec.value: spec for spec in req.segments}
     if len(by_value) != len(req.segments):
         raise EncodingError("segment specs repeat a label value")
@@ -137,6 +187,53 @@ def _check(req: SegRequest) -> tuple[NDArray[np.integer], list[SegmentSpec]]:
     if unknown:
         raise EncodingError(f"label values {unknown} have no segment spec")
     return labels, [by_value[v] for v in present]
+
+
+def _multiframe_source(ds: Dataset) -> Dataset:
+    """The multi-frame source as highdicom 0.28 takes it: orientation and pixel measures in the shared
+    functional group (it reads them nowhere else). Refuses frames whose orientation or spacing differ,
+    since one shared value would then misplace some of them."""
+    try:
+        planes = [f.plane for f in frames(ds)]
+    except NotAVolumeError as exc:
+        raise EncodingError(f"multi-frame source geometry: {exc}") from exc
+    first = planes[0]
+    for plane in planes:
+        if not (
+            np.allclose(plane.row, first.row, atol=_ORIENTATION_TOL)
+            and np.allclose(plane.col, first.col, atol=_ORIENTATION_TOL)
+            and np.allclose(plane.pixel_spacing, first.pixel_spacing, rtol=1e-4, atol=1e-6)
+        ):
+            raise EncodingError("multi-frame source frames differ in orientation or pixel spacing")
+    return with_shared_geometry(ds)
+
+
+def with_type2(ds: Dataset) -> Dataset:
+    """``ds``, or a shallow copy with its absent type 2 patient/study attributes present and empty
+    (which is what an absent type 2 attribute means; the SEG must carry them)."""
+    missing = [keyword for keyword in _TYPE2 if keyword not in ds]
+    if not missing:
+        return ds
+    out = Dataset()
+    for element in ds:
+        out.add(element)
+    if hasattr(ds, "file_meta"):
+        out.file_meta = ds.file_meta
+    for keyword in missing:
+        setattr(out, keyword, "")
+    return out
+
+
+def _frames(req: SegRequest, segment_map: NDArray[np.integer]) -> NDArray[np.integer]:
+    """(X, Y, Z) segment numbers -> highdicom's (frames, rows, columns): one frame per source slice,
+    or for a multi-frame source one per source frame, slice k at frame ``frame_numbers[k]``."""
+    zyx = segment_map.transpose(2, 1, 0)
+    if req.frame_numbers is None:
+        return np.ascontiguousarray(zyx)
+    first = req.source[0]
+    out = np.zeros((number_of_frames(first), int(first.Rows), int(first.Columns)), dtype=zyx.dtype)
+    out[np.asarray(req.frame_numbers, dtype=np.intp) - 1] = zyx
+    return out
 
 
 def _description(number: int, spec: SegmentSpec, req: SegRequest) -> hd.seg.SegmentDescription:
@@ -162,31 +259,39 @@ def _description(number: int, spec: SegmentSpec, req: SegRequest) -> hd.seg.Segm
 
 
 def build_seg(req: SegRequest) -> Dataset:
-    """Encode the label map as a BINARY Segmentation with one segment per label value present.
+    """Encode the label map as a BINARY (or, with ``labelmap``, a Label Map) Segmentation with one segment
+    per label value present.
 
     Segments are numbered 1..n in order of label value; see :func:`segment_numbers`. Frames that
-    are empty for a segment are omitted. Raises :class:`EncodingError` if no label is present or
+    are empty are omitted unless ``keep_empty``. Each SEG frame references its source image (and frame) and
+    takes its plane position from it. Raises :class:`EncodingError` if no label is present or
     the input is inconsistent.
     """
     labels, present = _check(req)
-    # Renumber label values to segment numbers 1..n with a lookup table, then (X, Y, Z) -> (Z, Y, X):
-    # highdicom's label-map style wants frames down axis 0, rows then columns.
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.uint16)
+    # Renumber label values to segment numbers 1..n with a lookup table, then to highdicom's label-map
+    # style: frames down axis 0 (one per source frame, in the source's order), rows then columns.
+    lut = np.zeros(int(labels.max()) + 1, dtype=np.uint8 if len(present) < 256 else np.uint16)
     for number, spec in enumerate(present, start=1):
         lut[spec.value] = number
-    frames = np.ascontiguousarray(lut[labels].transpose(2, 1, 0))
-    if len(present) < 256:
-        frames = frames.astype(np.uint8)
+    pixels = _frames(req, lut[labels])
+    if req.frame_numbers is None:
+        source = [with_type2(req.source[0]), *req.source[1:]]
+    else:
+        source = [with_type2(_multiframe_source(req.source[0]))]
     algo = req.algorithm
     try:
         seg = hd.seg.Segmentation(
-            source_images=list(req.source),
-            pixel_array=frames,
-            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            source_images=source,
+            pixel_array=pixels,
+            segmentation_type=(
+                hd.seg.SegmentationTypeValues.LABELMAP
+                if req.labelmap
+                else hd.seg.SegmentationTypeValues.BINARY
+            ),
             segment_descriptions=[_description(n, s, req) for n, s in enumerate(present, start=1)],
-            series_instance_uid=result_uid(req.source, algo, "seg", "series"),
+            series_instance_uid=result_uid(req.source, algo, "seg", *req.uid_parts, "series"),
             series_number=req.series_number,
-            sop_instance_uid=result_uid(req.source, algo, "seg", "instance"),
+            sop_instance_uid=result_uid(req.source, algo, "seg", *req.uid_parts, "instance"),
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=_lo(algo.model_id),
@@ -195,7 +300,7 @@ def build_seg(req: SegRequest) -> Dataset:
             content_label="AI_SEGMENTATION",
             content_description=_lo("AI generated segmentation, not verified by a physician"),
             series_description=series_description("SEG", algo),
-            omit_empty_frames=True,
+            omit_empty_frames=not req.keep_empty,
             **creation_dates(req.created),
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:

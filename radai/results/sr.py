@@ -73,6 +73,8 @@ class SrRequest:
     algorithm: Algorithm
     series_number: int = 902
     created: datetime.datetime | None = None
+    # Extra parts of the UID derivation, as the SEG variant it reports on (see SegRequest.uid_parts).
+    uid_parts: tuple[str, ...] = ()
 
 
 def measure_volumes(
@@ -177,7 +179,8 @@ def _not_verified_container() -> hd.sr.ContainerContentItem:
 
 def _image_library(source: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     """TID 1600 Image Library: one group whose shared descriptors are the modality and frame of
-    reference, then one IMAGE entry per source instance.
+    reference, then one IMAGE entry per source instance. A multi-frame source is one entry without
+    frame numbers: every frame of it is in the volume (``radai.imaging.volume`` takes one stack whole).
 
     ``hd.sr.ImageLibrary`` writes the full TID 1602 descriptors for every entry, about 9 ms and
     4 kB per slice (4.6 s and 1.9 MB for a 500-slice CT); per-entry descriptors are optional
@@ -269,9 +272,9 @@ def build_sr(req: SrRequest) -> Dataset:
         return hd.sr.Comprehensive3DSR(
             evidence=[req.seg, *req.source],
             content=_report(req),
-            series_instance_uid=result_uid(req.source, algo, "sr", "series"),
+            series_instance_uid=result_uid(req.source, algo, "sr", *req.uid_parts, "series"),
             series_number=req.series_number,
-            sop_instance_uid=result_uid(req.source, algo, "sr", "instance"),
+            sop_instance_uid=result_uid(req.source, algo, "sr", *req.uid_parts, "instance"),
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=algo.model_id,

@@ -58,13 +58,24 @@ class RadaiServer:
 
 @contextmanager
 def radai_serve(
-    tmp: Path, pacs: Pacs, quiet_seconds: float | None = 1.0, max_wait_seconds: float = 0.05
+    tmp: Path,
+    pacs: Pacs | None,
+    quiet_seconds: float | None = 1.0,
+    max_wait_seconds: float = 0.05,
+    *,
+    dicom_port: int | None = None,
+    destinations: list[dict[str, object]] | None = None,
 ) -> Iterator[RadaiServer]:
-    """`radai serve -c radai.yaml` in a subprocess with the minimal administrator's config file."""
-    server = RadaiServer(free_port(), free_port(), tmp / "radai-data", tmp / "radai.log")
+    """`radai serve -c radai.yaml` in a subprocess with the minimal administrator's config file; the
+    destination is `pacs` unless `destinations` are given."""
+    server = RadaiServer(dicom_port or free_port(), free_port(), tmp / "radai-data", tmp / "radai.log")
+    if destinations is None:
+        if pacs is None:
+            raise ValueError("give a pacs or the destinations")
+        destinations = [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}]
     config: dict[str, object] = {
         "dicom": {"ae_title": "RADAI", "host": "127.0.0.1", "port": server.dicom_port},
-        "destinations": [{"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
+        "destinations": destinations,
         "storage": {"data_dir": str(server.data_dir), "spool_min_free_bytes": 64 * 1024 * 1024},
         "api": {"host": "127.0.0.1", "port": server.api_port},
         "scheduler": {"max_wait_seconds": max_wait_seconds},

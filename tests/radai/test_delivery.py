@@ -21,6 +21,7 @@ from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolic
 from radai.domain import DeliveryState, JobSpec, JobState, StudyRecord, StudyState
 from radai.errors import DeliveryError
 from radai.metrics import REGISTRY
+from radai.outputs import Output, OutputPlan
 from radai.storage.sqlite import SqliteJobStore
 
 STUDY = "1.2.826.0.1.3680043.8.498.1"
@@ -67,6 +68,11 @@ def result(modality: str) -> Dataset:
     return ds
 
 
+def keyed(*datasets: Dataset) -> list[Output]:
+    """Results tagged with the output key of their kind (SEG -> 'seg', SR -> 'sr')."""
+    return [Output(str(ds.Modality).lower(), ds) for ds in datasets]
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[SqliteJobStore]:
     s = SqliteJobStore(tmp_path / "radai.sqlite")
@@ -101,7 +107,7 @@ def test_delivery_is_sent_once_then_the_outbox_is_emptied_and_the_job_settles(
     svc.add_listener(settled.append)
     job = add_job(store)
     seg, sr = result("SEG"), result("SR")
-    svc.submit(job, STUDY, [seg, sr])
+    svc.submit(job, STUDY, keyed(seg, sr))
     (queued,) = store.deliveries_for_job(job)
     assert queued.state is DeliveryState.QUEUED and queued.attempts == 0 and len(queued.files) == 2
     assert all(Path(f).is_file() for f in queued.files)
@@ -124,7 +130,7 @@ def test_failed_attempts_back_off_exponentially_up_to_the_cap_then_dead_letter(
     policy = RetryPolicy(max_attempts=6, initial_seconds=2.0, factor=2.0, max_seconds=10.0)
     svc = service(store, tmp_path, pacs, clock=clock, policy=policy)
     job = add_job(store)
-    svc.submit(job, STUDY, [result("SEG")])
+    svc.submit(job, STUDY, keyed(result("SEG")))
     delays: list[float] = []
     for _ in range(5):
         rec = svc.process_due("pacs")
@@ -156,7 +162,7 @@ def test_dead_letter_is_visible_and_a_retry_delivers_with_attempts_reset(
 
     svc.add_listener(settle)
     job = add_job(store)
-    svc.submit(job, STUDY, [result("SEG"), result("SR")])
+    svc.submit(job, STUDY, keyed(result("SEG"), result("SR")))
     rec = svc.process_due("pacs-dl")
     assert rec is not None and rec.state is DeliveryState.DEAD
     study = store.get_study(STUDY)
@@ -190,7 +196,7 @@ def test_restart_resumes_an_interrupted_delivery_from_the_outbox(
     svc = service(store, tmp_path, pacs, clock=clock)
     job = add_job(store)
     seg = result("SEG")
-    svc.submit(job, STUDY, [seg])
+    svc.submit(job, STUDY, keyed(seg))
     assert store.claim_delivery("pacs", clock()) is not None  # the process stops while sending
     store.close()
 
@@ -213,13 +219,13 @@ def test_one_row_per_job_and_destination_even_when_submitted_twice(
     svc = service(store, tmp_path, pacs, clock=clock)
     job = add_job(store)
     seg = result("SEG")
-    svc.submit(job, STUDY, [seg])
-    svc.submit(job, STUDY, [seg])
+    svc.submit(job, STUDY, keyed(seg))
+    svc.submit(job, STUDY, keyed(seg))
     assert len(store.deliveries_for_job(job)) == 1
     assert svc.process_due("pacs") is not None and svc.process_due("pacs") is None
     assert pacs.received == [seg.SOPInstanceUID]
     # A re-sent study after delivery: the same row is queued again (an overwrite at the PACS), still one row.
-    svc.submit(job, STUDY, [seg])
+    svc.submit(job, STUDY, keyed(seg))
     (row,) = store.deliveries_for_job(job)
     assert row.state is DeliveryState.QUEUED and row.attempts == 0
 
@@ -230,7 +236,7 @@ def test_destinations_are_independent_and_the_outbox_waits_for_all(
     up, down, clock = Destination("up"), Destination("down", up=False), Clock()
     svc = service(store, tmp_path, up, down, clock=clock)
     job = add_job(store)
-    svc.submit(job, STUDY, [result("SEG")])
+    svc.submit(job, STUDY, keyed(result("SEG")))
     assert svc.process_due("up") is not None
     rec = svc.process_due("down")
     assert rec is not None and rec.state is DeliveryState.QUEUED
@@ -249,7 +255,7 @@ def test_missing_outbox_files_fail_the_attempt_instead_of_the_worker(
     pacs, clock = Destination("pacs"), Clock()
     svc = service(store, tmp_path, pacs, clock=clock, policy=RetryPolicy(max_attempts=2))
     job = add_job(store)
-    svc.submit(job, STUDY, [result("SEG")])
+    svc.submit(job, STUDY, keyed(result("SEG")))
     Outbox(tmp_path / "outbox").remove(job)
     rec = svc.process_due("pacs")
     assert rec is not None and rec.state is DeliveryState.QUEUED and "FileNotFoundError" in rec.last_error
@@ -296,7 +302,7 @@ def test_cli_retry_queues_dead_deliveries_and_refuses_when_there_are_none(
     pacs, clock = Destination("pacs", up=False), Clock()
     svc = service(store, tmp_path, pacs, clock=clock, policy=RetryPolicy(max_attempts=1))
     job = add_job(store)
-    svc.submit(job, STUDY, [result("SEG")])
+    svc.submit(job, STUDY, keyed(result("SEG")))
     svc.process_due("pacs")
     cfg = tmp_path / "radai.yaml"
     cfg.write_text(yaml.safe_dump({"storage": {"data_dir": str(tmp_path)}}))
@@ -320,3 +326,48 @@ def test_cli_retry_queues_dead_deliveries_and_refuses_when_there_are_none(
     assert row.state is DeliveryState.QUEUED and row.attempts == 0
     again = cli("retry", STUDY)
     assert again.returncode == 1 and again.stderr.count("\n") == 1 and "no dead-lettered" in again.stderr
+
+
+def test_each_destination_gets_only_the_outputs_its_plan_wants(store: SqliteJobStore, tmp_path: Path) -> None:
+    modern, legacy, quiet = Destination("modern"), Destination("legacy"), Destination("quiet")
+    plans = {
+        "modern": OutputPlan(),
+        "legacy": OutputPlan(kinds=frozenset({"sc", "notice"})),
+        "quiet": OutputPlan(kinds=frozenset({"gsps"})),
+    }
+    svc = DeliveryService(
+        store, [modern, legacy, quiet], Outbox(tmp_path / "outbox"), plans=plans, clock=Clock()
+    )
+    job = add_job(store)
+    seg, sr, sc = result("SEG"), result("SR"), result("OT")
+    svc.submit(job, STUDY, [Output("seg", seg), Output("sr", sr), Output("sc", sc)])
+
+    assert {d.destination: len(d.files) for d in store.deliveries_for_job(job)} == {"modern": 2, "legacy": 1}
+    for name in ("modern", "legacy"):
+        svc.process_due(name)
+    assert modern.received == [str(seg.SOPInstanceUID), str(sr.SOPInstanceUID)]
+    assert legacy.received == [str(sc.SOPInstanceUID)]
+    assert quiet.received == []
+
+
+def test_destination_settings_become_output_plans(tmp_path: Path) -> None:
+    from radai.delivery import plan_from_settings
+    from radai.outputs import SegVariant
+
+    default = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=104)
+    legacy = DestinationSettings(
+        name="old", ae_title="OLD", host="127.0.0.1", port=104, outputs=["sc", "gsps"], seg_type="labelmap"
+    )
+    assert plan_from_settings(default).keys() == {"seg", "sr", "notice"}
+    assert plan_from_settings(legacy).keys() == {"sc", "gsps"}
+    labelmap = DestinationSettings(
+        name="new", ae_title="NEW", host="127.0.0.1", port=104, seg_type="labelmap", seg_empty_frames="keep"
+    )
+    assert plan_from_settings(labelmap).seg == SegVariant(labelmap=True, keep_empty=True)
+    assert plan_from_settings(labelmap).keys() == {
+        "seg+labelmap+keep-empty",
+        "sr+labelmap+keep-empty",
+        "notice",
+    }
+    with pytest.raises(ValueError, match="repeat"):
+        DestinationSettings(name="x", ae_title="X", host="h", port=1, outputs=["seg", "seg"])

@@ -69,3 +69,23 @@ def test_object_highdicom_cannot_read_back_is_caught() -> None:
     found = problems([seg], ct_source(), dciodvfy=False)
 
     assert len(found) == 1 and "highdicom cannot read it back" in found[0]
+
+
+@needs_dciodvfy
+def test_an_error_the_source_already_has_is_not_held_against_the_result() -> None:
+    source = ct_source()
+    for ds in source:
+        ds.PatientAge = "0Y"  # invalid AS value in the source; every result copies it
+    notice = build_notice(NoticeRequest(source, ALGORITHM, "model error"))
+
+    assert problems([notice], source) == []
+
+
+@needs_dciodvfy
+def test_labelmap_seg_passes_the_gate_without_dciodvfy_which_does_not_know_its_iod() -> None:
+    from radai.results import build_seg
+    from tests.radai.results_fixtures import seg_request
+
+    labelmap = build_seg(seg_request(labelmap=True, uid_parts=("labelmap",)))
+
+    assert problems([labelmap], ct_source()) == []

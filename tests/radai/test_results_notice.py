@@ -101,3 +101,11 @@ def test_notice_without_source_headers_is_refused() -> None:
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) is not installed")
 def test_notice_passes_dciodvfy_without_errors() -> None:
     assert dciodvfy_errors(build_notice(NoticeRequest(ct_source(), ALGORITHM, REASON))) == []
+
+
+def test_notice_for_a_source_without_type_2_patient_attributes_is_built_without_changing_it() -> None:
+    source = ct_source()
+    del source[0].PatientBirthDate
+    notice = build_notice(NoticeRequest(source, ALGORITHM, REASON))
+
+    assert notice.PatientBirthDate == "" and "PatientBirthDate" not in source[0]

@@ -155,3 +155,53 @@ def test_build_seg_rejects_label_value_without_segment_spec() -> None:
     labels[0, 0, 0] = 7
     with pytest.raises(EncodingError, match=r"\[7\]"):
         build_seg(seg_request(labels=labels))
+
+
+def test_build_seg_refuses_a_series_without_frame_of_reference() -> None:
+    source = ct_source()
+    for ds in source:
+        del ds.FrameOfReferenceUID
+    with pytest.raises(EncodingError, match="no FrameOfReferenceUID; a SEG of several planes needs one"):
+        build_seg(seg_request(source=source))
+
+
+def test_build_seg_fills_absent_type_2_patient_attributes_without_changing_the_source() -> None:
+    source = ct_source()
+    del source[0].PatientSex, source[0].AccessionNumber
+    seg = reread(build_seg(seg_request(source=source)))
+    assert seg.PatientSex == "" and seg.AccessionNumber == ""
+    assert "PatientSex" not in source[0] and "AccessionNumber" not in source[0]
+
+
+def test_labelmap_seg_holds_one_frame_per_slice_with_segment_numbers_as_pixels() -> None:
+    source = ct_source()
+    labels = threshold_labels()
+    labels[:, :, 0] = 0  # an empty slice: omitted by default
+    ds = reread(build_seg(seg_request(labels=labels, labelmap=True, uid_parts=("labelmap",))))
+
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"  # Label Map Segmentation Storage
+    assert ds.SegmentationType == "LABELMAP" and ds.NumberOfFrames == len(source) - 1
+    seg = hd.seg.Segmentation.from_dataset(ds)
+    read = seg.get_pixels_by_source_instance(
+        [d.SOPInstanceUID for d in source[1:]], combine_segments=True, skip_overlap_checks=True
+    )
+    expected = np.zeros(labels.shape, dtype=np.uint8)
+    expected[labels == BODY.value] = 1
+    expected[labels == BONE.value] = 2
+    for k in range(1, len(source)):
+        np.testing.assert_array_equal(read[k - 1], expected[:, :, k].T)
+    assert segment_numbers(ds) == {BODY.value: 1, BONE.value: 2}
+
+
+def test_keeping_empty_frames_gives_every_slice_a_frame_for_every_segment() -> None:
+    labels = threshold_labels()
+    labels[:, :, 0][labels[:, :, 0] == BONE.value] = BODY.value  # no bone on the first slice
+    seg = build_seg(seg_request(labels=labels, keep_empty=True, uid_parts=("keep-empty",)))
+    assert seg.NumberOfFrames == 10 * 2
+
+
+def test_seg_variants_are_distinct_objects_with_their_own_uids() -> None:
+    default = standard_seg()
+    labelmap = build_seg(seg_request(labelmap=True, uid_parts=("labelmap",)))
+    assert labelmap.SeriesInstanceUID != default.SeriesInstanceUID
+    assert labelmap.SOPInstanceUID != default.SOPInstanceUID

@@ -25,6 +25,7 @@ from radai.config import DestinationSettings
 from radai.delivery import DeliveryService, Outbox
 from radai.domain import DeliveryState, JobSpec, JobState, StudyRecord, StudyState
 from radai.errors import ConfigError, DeliveryError
+from radai.outputs import Output
 from radai.results import SegmentMeasurement, SrRequest, build_sr, measure_volumes, segment_numbers
 from radai.storage.sqlite import SqliteJobStore
 from radai.stow import StowSender, failed_instances, multipart_related
@@ -245,7 +246,7 @@ def test_the_outbound_queue_delivers_to_a_stow_destination(orthanc: OrthancServe
         sender = stow(orthanc.dicomweb_url, name="web")
         service = DeliveryService(store, [sender], Outbox(tmp_path / "outbox"))
         results = seg_and_sr()
-        service.submit(job, study, results)
+        service.submit(job, study, [Output(str(ds.Modality).lower(), ds) for ds in results])
         done = service.process_due("web")
         assert done is not None and done.state is DeliveryState.DELIVERED and done.last_error == ""
         assert {str(ds.SOPInstanceUID) for ds in results} <= orthanc.instance_uids()
@@ -265,7 +266,7 @@ def test_a_refused_delivery_is_retried_with_the_reason_recorded(
         store.finish_job(job, JobState.DELIVERING)
         sender = stow(f"{orthanc.http_url}/no-dicom-web", name="web")
         service = DeliveryService(store, [sender], Outbox(tmp_path / "outbox"))
-        service.submit(job, study, seg_and_sr())
+        service.submit(job, study, [Output(str(ds.Modality).lower(), ds) for ds in seg_and_sr()])
         rec = service.process_due("web")
         assert rec is not None and rec.state is DeliveryState.QUEUED and rec.attempts == 1
         assert "HTTP 404" in rec.last_error

@@ -116,6 +116,12 @@ def test_same_study_twice_gives_the_same_result_uids(
     workflow.on_study_complete(study_from(CT))
     workflow.close()
     assert settled(store, study.study_uid) is StudyState.DONE
+    # The second run's re-queued delivery may still be under way: read what was sent once it is not.
+    (job,) = store.list_studies()[0].jobs
+    deadline = time.monotonic() + 60
+    while any(d.state.value in ("queued", "sending") for d in store.deliveries_for_job(job.job_id)):
+        assert time.monotonic() < deadline, "delivery never settled"
+        time.sleep(0.05)
     uids = [pydicom.dcmread(p).SOPInstanceUID for p in sender.written]
     # Sent once or twice (a re-send overwrites the same instances at the PACS), never two different results.
     assert len(uids) in (2, 4) and len(set(uids)) == 2
@@ -133,7 +139,18 @@ def test_tilted_series_fails_its_job_with_the_reason_and_keeps_the_images(
     assert job.state is JobState.FAILED
     assert "NotAVolumeError" in job.reason and ("tilt" in job.reason or "spacing" in job.reason)
     assert store.get_study(study.study_uid).state is StudyState.FAILED
-    assert sender.written == [] and released == []
+    assert released == []
+    # The PACS is told that the model did not run, and why: one notice SR, no results.
+    deadline = time.monotonic() + 60
+    while not sender.written:
+        assert time.monotonic() < deadline, "no notice was delivered"
+        time.sleep(0.05)
+    (path,) = sender.written
+    notice = pydicom.dcmread(path)
+    assert notice.Modality == "SR" and notice.SeriesDescription.startswith("AI NOT RUN")
+    assert notice.StudyInstanceUID == study.study_uid
+    texts = [str(e.value) for e in notice.iterall() if e.keyword == "TextValue"]
+    assert f"Reason: {job.reason}" in texts
 
 
 def test_study_recovered_while_its_results_wait_in_the_queue_is_not_run_again(tmp_path: Path) -> None:
