@@ -28,5 +28,6 @@ check: setup
 
 test: setup
 	bash scripts/system-packages.sh
+	bash scripts/viewer-deps.sh
 	$(MAKE) check
 	$(BIN)/python -m pytest -q

@@ -23,7 +23,7 @@ from radai.ports import PatchInferer
 from radai.results.gsps import GspsRequest, build_gsps
 from radai.results.sc import ScRequest, iter_sc
 from radai.results.seg import Algorithm, CodedConcept, SegmentSpec, SegRequest, build_seg, check_source
-from radai.results.sr import SegmentMeasurement, SrRequest, build_sr, measure_volumes
+from radai.results.sr import KeyRegion, SegmentMeasurement, SrRequest, build_sr, measure_volumes
 from radai.scheduling.inferer import sliding_window
 
 log = logging.getLogger(__name__)
@@ -74,10 +74,32 @@ def infer_labels(volume: Volume, card: ModelCard, inferer: PatchInferer, job_id:
     return labels
 
 
+def key_region(
+    labels: NDArray[np.uint8], value: int, source: Sequence[Dataset], frame_numbers: Sequence[int] | None
+) -> KeyRegion | None:
+    """The bounding box of label ``value`` on the slice where it covers most pixels (None if absent)."""
+    mask = labels == value  # (X, Y, Z): X is the column, Y the row
+    areas = mask.sum(axis=(0, 1))
+    k = int(np.argmax(areas))
+    if areas[k] == 0:
+        return None
+    columns = np.nonzero(mask[:, :, k].any(axis=1))[0]
+    rows = np.nonzero(mask[:, :, k].any(axis=0))[0]
+    box = (float(columns[0]), float(rows[0]), float(columns[-1] + 1), float(rows[-1] + 1))
+    if frame_numbers is None:
+        return KeyRegion(image=source[k], box=box)
+    return KeyRegion(image=source[0], box=box, frame_number=int(frame_numbers[k]))
+
+
 def _measurements(
-    volume: Volume, labels: NDArray[np.uint8], card: ModelCard, specs: Sequence[SegmentSpec]
+    volume: Volume,
+    labels: NDArray[np.uint8],
+    card: ModelCard,
+    specs: Sequence[SegmentSpec],
+    source: Sequence[Dataset],
 ) -> list[SegmentMeasurement]:
-    """Volume (and mean HU for CT) of every segment, numbered as build_seg numbers them (label order)."""
+    """Volume (and mean HU for CT) of every segment, numbered as build_seg numbers them (label order), with
+    its key region (bounding box on its largest slice)."""
     volumes = measure_volumes(labels, volume.voxel_volume_ml)
     by_value = {s.value: s for s in specs}
     present = [v for v in sorted(volumes) if v in by_value and volumes[v] > 0]
@@ -88,6 +110,7 @@ def _measurements(
             type=by_value[value].type,
             volume_ml=volumes[value],
             mean_value=float(volume.array[labels == value].mean()) if card.modality == "CT" else None,
+            key_region=key_region(labels, value, source, volume.frame_numbers),
         )
         for number, value in enumerate(present, start=1)
     ]
@@ -107,7 +130,7 @@ def encode_results(
     wanted = wanted if wanted is not None else needed([])
     algorithm, specs = algorithm_of(card), segments_of(card)
     outputs: list[Output] = []
-    measurements = _measurements(volume, labels, card, specs) if wanted.sr_variants else []
+    measurements = _measurements(volume, labels, card, specs, source) if wanted.sr_variants else []
     for variant in wanted.seg_variants:
         seg = build_seg(
             SegRequest(

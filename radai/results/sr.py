@@ -46,6 +46,16 @@ _QUALITATIVE_EVALUATIONS = Code(value="C0034375", scheme_designator="UMLS", mean
 
 
 @dataclass(frozen=True)
+class KeyRegion:
+    """Where a segment is largest: its bounding rectangle on one source image, in pixel coordinates
+    (column, row; 0.0 is the top left corner of the top left pixel), and the frame for a multi-frame image."""
+
+    image: Dataset
+    box: tuple[float, float, float, float]  # column min, row min, column max, row max (pixel edges)
+    frame_number: int | None = None
+
+
+@dataclass(frozen=True)
 class SegmentMeasurement:
     """Measurements of one SEG segment.
 
@@ -58,6 +68,7 @@ class SegmentMeasurement:
     type: CodedConcept
     volume_ml: float
     mean_value: float | None = None
+    key_region: KeyRegion | None = None
 
 
 @dataclass(frozen=True)
@@ -132,12 +143,17 @@ def _referenced_segment(seg: Dataset, segment_number: int) -> hd.sr.ReferencedSe
     )
 
 
-def _group(
-    req: SrRequest, m: SegmentMeasurement, algorithm_id: hd.sr.AlgorithmIdentification
-) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+def _tracking(req: SrRequest, m: SegmentMeasurement) -> tuple[str, str]:
     tracking = _segment_tracking(req.seg, m.segment_number)
     if tracking is None:
         tracking = (m.name, result_uid(req.source, req.algorithm, "sr", "segment", str(m.segment_number)))
+    return tracking
+
+
+def _group(
+    req: SrRequest, m: SegmentMeasurement, algorithm_id: hd.sr.AlgorithmIdentification
+) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    tracking = _tracking(req, m)
     measurements = [
         hd.sr.Measurement(name=codes.SCT.Volume, value=m.volume_ml, unit=UCUM_ML, algorithm_id=algorithm_id)
     ]
@@ -158,6 +174,35 @@ def _group(
         finding_type=m.type.to_code(),
         algorithm_id=algorithm_id,
         measurements=measurements,
+    )
+
+
+def _planar_group(
+    m: SegmentMeasurement,
+    region: KeyRegion,
+    tracking: tuple[str, str],
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """TID 1410 group for the same finding (same tracking identifier and UID): the segment's bounding box on
+    its largest slice. Viewers that draw measurements on images need such a planar region: OHIF 3 places
+    the finding's measurements there (and, up to 3.13 at least, fails on a report with none)."""
+    c0, r0, c1, r1 = region.box
+    points = np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]], dtype=np.float64)
+    frames = [region.frame_number] if region.frame_number is not None else None
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking[1], identifier=tracking[0]),
+        referenced_region=hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=points,
+            source_image=hd.sr.SourceImageForRegion(
+                str(region.image.SOPClassUID),
+                str(region.image.SOPInstanceUID),
+                referenced_frame_numbers=frames,
+            ),
+        ),
+        finding_type=m.type.to_code(),
+        algorithm_id=algorithm_id,
+        geometric_purpose=codes.cid219.BoundedBy,
     )
 
 
@@ -247,7 +292,14 @@ def _report(req: SrRequest) -> hd.sr.MeasurementReport:
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=codes.SCT.ImagingProcedure,
-        imaging_measurements=[_group(req, m, algorithm_id) for m in req.measurements],
+        imaging_measurements=[
+            *(_group(req, m, algorithm_id) for m in req.measurements),
+            *(
+                _planar_group(m, m.key_region, _tracking(req, m), algorithm_id)
+                for m in req.measurements
+                if m.key_region is not None
+            ),
+        ],
         title=codes.cid7021.ImagingMeasurementReport,
     )
     root = report[0].ContentSequence

@@ -177,12 +177,28 @@ def test_enhanced_ct_sr_references_the_seg_and_the_multiframe_source(ct_run: Run
         assert source_series is not None and source_series.value == ct_run.source.SeriesInstanceUID
         assert len(group.get_measurements(name=codes.DCM.AttenuationCoefficient)) == 1  # a CT: mean HU
     # the image library lists the multi-frame source once (all its frames are in the volume)
+    (library_root,) = [
+        item
+        for item in walk(report.ContentSequence)
+        if item.ValueType == "CONTAINER" and item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"
+    ]
     library = [
         item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
-        for item in walk(report.ContentSequence)
+        for item in walk(library_root.ContentSequence)
         if item.ValueType == "IMAGE" and item.ConceptNameCodeSequence[0].CodeMeaning == "Source"
     ]
     assert library == [ct_run.source.SOPInstanceUID]
+    # each finding is also outlined (bounding box) on one frame of the source, for viewers that draw it
+    regions = [
+        item
+        for item in walk(report.ContentSequence)
+        if item.ValueType == "SCOORD" and item.GraphicType == "POLYLINE"
+    ]
+    assert len(regions) == len(groups)
+    for region in regions:
+        (image,) = region.ContentSequence
+        assert image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ct_run.source.SOPInstanceUID
+        assert 1 <= int(image.ReferencedSOPSequence[0].ReferencedFrameNumber) <= ct_run.source.NumberOfFrames
     evidence = {
         item.ReferencedSOPInstanceUID
         for study in report.CurrentRequestedProcedureEvidenceSequence

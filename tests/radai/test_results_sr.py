@@ -228,3 +228,36 @@ def test_build_sr_rejects_a_segment_number_the_seg_does_not_have() -> None:
 def test_build_sr_rejects_an_empty_measurement_list() -> None:
     with pytest.raises(EncodingError):
         build_sr(sr_request(measurements=[]))
+
+
+def test_each_finding_is_also_outlined_on_its_largest_slice_with_the_same_tracking_uid() -> None:
+    import dataclasses
+
+    from radai.pipeline import key_region
+
+    source, labels = ct_source(), threshold_labels()
+    numbers = segment_numbers(standard_seg())
+    value_of = {number: value for value, number in numbers.items()}
+    with_regions = [
+        dataclasses.replace(m, key_region=key_region(labels, value_of[m.segment_number], source, None))
+        for m in measurements()
+    ]
+    sr = hd.sr.Comprehensive3DSR.from_dataset(reread(build_sr(sr_request(measurements=with_regions))))
+    report = sr.content
+    volumetric = report.get_volumetric_roi_measurement_groups()
+    planar = report.get_planar_roi_measurement_groups()
+
+    assert len(planar) == len(volumetric) == len(with_regions)
+    for group in planar:
+        uid = group.tracking_uid
+        (twin,) = [v for v in volumetric if v.tracking_uid == uid]
+        value = value_of[referenced_number(twin)]
+        region = group.roi
+        assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        k = int(np.argmax((labels == value).sum(axis=(0, 1))))
+        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source[k].SOPInstanceUID
+        columns = np.nonzero((labels[:, :, k] == value).any(axis=1))[0]
+        rows = np.nonzero((labels[:, :, k] == value).any(axis=0))[0]
+        points = region.value
+        assert points.min(axis=0).tolist() == [columns[0], rows[0]]
+        assert points.max(axis=0).tolist() == [columns[-1] + 1, rows[-1] + 1]

@@ -4,6 +4,7 @@ CT model."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,6 +152,29 @@ def test_tilted_series_fails_its_job_with_the_reason_and_keeps_the_images(
     assert notice.StudyInstanceUID == study.study_uid
     texts = [str(e.value) for e in notice.iterall() if e.keyword == "TextValue"]
     assert f"Reason: {job.reason}" in texts
+
+
+def test_failed_study_recovered_at_restart_is_not_run_again_but_a_resent_one_is(
+    parts: tuple[Workflow, SqliteJobStore, FolderSender, list[Path]], tmp_path: Path
+) -> None:
+    workflow, store, _sender, _ = parts
+    study = study_from(TILTED)
+    workflow.on_study_complete(study)
+    assert settled(store, study.study_uid) is StudyState.FAILED
+    (first,) = store.get_study(study.study_uid).jobs
+
+    workflow.on_study_complete(study_from(TILTED))  # the same files, recovered from the spool at start-up
+    (again,) = store.get_study(study.study_uid).jobs
+    assert again.state is JobState.FAILED and again.stages == first.stages  # not queued again
+
+    resent = tmp_path / "resent"
+    resent.mkdir()
+    for path in TILTED.glob("*.dcm"):
+        shutil.copy(path, resent / path.name)  # the PACS sends the study again: new files
+    workflow.on_study_complete(study_from(resent))
+    workflow.close()
+    (rerun,) = store.get_study(study.study_uid).jobs
+    assert rerun.state is JobState.FAILED and rerun.stages["queued"] > first.stages["queued"]
 
 
 def test_study_recovered_while_its_results_wait_in_the_queue_is_not_run_again(tmp_path: Path) -> None:
