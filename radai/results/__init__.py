@@ -6,6 +6,7 @@ Pure core: no sockets, threads or clock reads of our own; :mod:`radai.results.va
 writes a temporary file to run dciodvfy.
 """
 
+from radai.results.findings import DetectionFinding, FindingsRequest, build_findings_sr
 from radai.results.gate import problems
 from radai.results.gsps import GspsRequest, build_gsps
 from radai.results.notice import NoticeRequest, build_notice
@@ -33,6 +34,8 @@ __all__ = [
     "NOT_VERIFIED_TEXT",
     "Algorithm",
     "CodedConcept",
+    "DetectionFinding",
+    "FindingsRequest",
     "GspsRequest",
     "NoticeRequest",
     "ScRequest",
@@ -40,6 +43,7 @@ __all__ = [
     "SegmentMeasurement",
     "SegmentSpec",
     "SrRequest",
+    "build_findings_sr",
     "build_gsps",
     "build_notice",
     "build_sc",

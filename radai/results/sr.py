@@ -206,7 +206,7 @@ def _planar_group(
     )
 
 
-def _not_verified_container() -> hd.sr.ContainerContentItem:
+def not_verified_container() -> hd.sr.ContainerContentItem:
     item = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
@@ -222,7 +222,7 @@ def _not_verified_container() -> hd.sr.ContainerContentItem:
     return item
 
 
-def _image_library(source: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
+def image_library(source: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     """TID 1600 Image Library: one group whose shared descriptors are the modality and frame of
     reference, then one IMAGE entry per source instance. A multi-frame source is one entry without
     frame numbers: every frame of it is in the volume (``radai.imaging.volume`` takes one stack whole).
@@ -305,8 +305,8 @@ def _report(req: SrRequest) -> hd.sr.MeasurementReport:
     root = report[0].ContentSequence
     # TID 1500 order: ..., Procedure reported, Image Library, Imaging Measurements, ...
     position = next(i for i, item in enumerate(root) if item.name == codes.DCM.ImagingMeasurements)
-    root.insert(position, _image_library(req.source))
-    root.append(_not_verified_container())
+    root.insert(position, image_library(req.source))
+    root.append(not_verified_container())
     return report
 
 
