@@ -165,8 +165,9 @@ def _header(ds: Dataset) -> Dataset:
     highdicom's GSPS reads unconditionally added empty when the source lacks them."""
     header = Dataset()
     for element in ds:
-        if element.tag.group != 0x7FE0:
-            header.add(element)
+        if element.tag.group == 0x7FE0 or (element.keyword == "SpecificCharacterSet" and not element.value):
+            continue  # no pixels; an empty character set is the default one, which highdicom refuses as a value
+        header.add(element)
     for keyword in _TYPE2_READ:
         if keyword not in header:
             setattr(header, keyword, "")

@@ -32,6 +32,7 @@ from radai.results.seg import (
     creation_dates,
     result_uid,
     series_description,
+    with_type2,
 )
 
 AI_BANNER = "AI OUTPUT - NOT VERIFIED"
@@ -220,7 +221,7 @@ def _orientation(ds: Dataset) -> tuple[str, str]:
 def _sc_image(req: ScRequest, k: int, pixels: NDArray[np.uint8]) -> Dataset:
     src, algo = req.source[k], req.algorithm
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=src,
+        ref_dataset=with_type2(src),
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,

@@ -209,14 +209,17 @@ def _multiframe_source(ds: Dataset) -> Dataset:
 
 
 def with_type2(ds: Dataset) -> Dataset:
-    """``ds``, or a shallow copy with its absent type 2 patient/study attributes present and empty
-    (which is what an absent type 2 attribute means; the SEG must carry them)."""
+    """``ds``, or a shallow copy with its absent type 2 patient/study attributes present and empty (which is
+    what an absent type 2 attribute means; results must carry them) and without an empty Specific Character
+    Set (empty means the default repertoire, which highdicom, copying it, refuses as a value)."""
     missing = [keyword for keyword in _TYPE2 if keyword not in ds]
-    if not missing:
+    empty_charset = "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet
+    if not missing and not empty_charset:
         return ds
     out = Dataset()
     for element in ds:
-        out.add(element)
+        if not (empty_charset and element.keyword == "SpecificCharacterSet"):
+            out.add(element)
     if hasattr(ds, "file_meta"):
         out.file_meta = ds.file_meta
     for keyword in missing:

@@ -185,3 +185,15 @@ def test_gsps_builds_for_a_source_missing_type_2_patient_attributes() -> None:
     gsps = build_gsps(gsps_request(source=source))
     assert (gsps.PatientBirthDate, gsps.PatientSex) == ("", "")
     assert "PatientBirthDate" not in source[0]  # the caller's datasets are untouched
+
+
+def test_source_with_an_empty_specific_character_set_gets_its_gsps() -> None:
+    source = ct_source()
+    for ds in source:
+        ds.SpecificCharacterSet = ""  # present and empty: the default repertoire (seen from GE scanners)
+
+    gsps = build_gsps(
+        GspsRequest(source=source, labels=threshold_labels(), segments=SPECS, algorithm=ALGORITHM)
+    )
+
+    assert gsps.Modality == "PR"

@@ -216,3 +216,13 @@ def test_source_window_is_applied_to_the_burned_in_image() -> None:
 def test_sc_refuses_empty_or_inconsistent_label_maps(labels: NDArray[np.uint8], message: str) -> None:
     with pytest.raises(EncodingError, match=message):
         build_sc(sc_request(labels=labels))
+
+
+def test_source_with_an_empty_specific_character_set_gets_its_sc() -> None:
+    source = ct_source()
+    for ds in source:
+        ds.SpecificCharacterSet = ""  # present and empty: the default repertoire (seen from GE scanners)
+
+    images = build_sc(sc_request(source=source))
+
+    assert images and all(str(ds.get("SpecificCharacterSet", "")) in ("", "ISO_IR 100") for ds in images)
