@@ -255,7 +255,10 @@ def test_each_finding_is_also_outlined_on_its_largest_slice_with_the_same_tracki
         region = group.roi
         assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
         k = int(np.argmax((labels == value).sum(axis=(0, 1))))
-        assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source[k].SOPInstanceUID
+        assert (
+            region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            == source[k].SOPInstanceUID
+        )
         columns = np.nonzero((labels[:, :, k] == value).any(axis=1))[0]
         rows = np.nonzero((labels[:, :, k] == value).any(axis=0))[0]
         points = region.value
