@@ -34,8 +34,7 @@ from radai.results.seg import (
 )
 
 # Private helpers of the segmentation SR, shared so both reports have the same root.
-from radai.results.sr import image_library, not_verified_container
-from radai.results.uids import derived_uid
+from radai.results.sr import device_context, image_library, not_verified_container
 
 NO_FINDINGS_TEXT = "AI detection found no findings"
 # A detection's probability is written as the CAD templates write a finding's confidence: (111012, DCM,
@@ -165,17 +164,7 @@ def _content(req: FindingsRequest) -> hd.sr.ContentSequence:
     insists on at least one measurement group, which a report of no findings has not."""
     algo = req.algorithm
     frame_of_reference = _frame_of_reference(req.source)
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid("radai", "device", algo.model_id, algo.version),
-        name=algo.model_id,
-        manufacturer_name=MANUFACTURER,
-        model_name=algo.version,
-    )
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.cid270.Device, observer_identifying_attributes=device
-        )
-    )
+    context = device_context(algo)
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algo.model_id,
         version=algo.version,

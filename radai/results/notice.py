@@ -21,7 +21,7 @@ from pydicom.sr.codedict import codes
 
 from radai.errors import EncodingError
 from radai.results.seg import MANUFACTURER, Algorithm, creation_dates, result_uid, with_type2
-from radai.results.uids import derived_uid
+from radai.results.sr import device_context
 
 NOT_PERFORMED_TEXT = "AI analysis NOT performed: do not read the absence of AI results as a normal finding"
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
@@ -98,17 +98,7 @@ def _content(req: NoticeRequest) -> hd.sr.ContentSequence:
     measurement: TID 1500 needs Imaging Measurements *or* Qualitative Evaluations, and a notice has only the
     latter, so the root is assembled here from highdicom's content items."""
     algo = req.algorithm
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid("radai", "device", algo.model_id, algo.version),
-        name=algo.model_id,
-        manufacturer_name=MANUFACTURER,
-        model_name=algo.version,
-    )
-    context = hd.sr.ObservationContext(
-        observer_device_context=hd.sr.ObserverContext(
-            observer_type=codes.cid270.Device, observer_identifying_attributes=device
-        )
-    )
+    context = device_context(algo)
     root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport, template_id="1500")
     root.ContentSequence = hd.sr.ContentSequence()
     root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))

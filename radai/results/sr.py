@@ -270,19 +270,24 @@ def image_library(source: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
     return library
 
 
-def _report(req: SrRequest) -> hd.sr.MeasurementReport:
-    algo = req.algorithm
+def device_context(algo: Algorithm) -> hd.sr.ObservationContext:
+    """TID 1002 observer context: the model as the observing device (id as name, version as model name)."""
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid("radai", "device", algo.model_id, algo.version),
         name=algo.model_id,
         manufacturer_name=MANUFACTURER,
         model_name=algo.version,
     )
-    context = hd.sr.ObservationContext(
+    return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
             observer_type=codes.cid270.Device, observer_identifying_attributes=device
         )
     )
+
+
+def _report(req: SrRequest) -> hd.sr.MeasurementReport:
+    algo = req.algorithm
+    context = device_context(algo)
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algo.model_id,
         version=algo.version,
