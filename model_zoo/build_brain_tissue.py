@@ -90,6 +90,11 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
 _CardDumper.add_representer(list, _represent_list)
 
 
+# brainchop draws white matter white; over a T1 image, where white matter is the brightest tissue, a white
+# overlay is invisible in any viewer, so the card gives it a blue that shows on it.
+WHITE_MATTER_COLOUR = [64, 150, 255]
+
+
 def _card(source: Path, sha256: str) -> dict[str, Any]:
     colours = json.loads((source / "colormap3.json").read_text(encoding="utf-8"))
     anatomy = codes.SCT.AnatomicalStructure
@@ -127,7 +132,7 @@ def _card(source: Path, sha256: str) -> dict[str, Any]:
                 "name": "White matter",
                 "category": code(anatomy),
                 "type": code(codes.SCT.WhiteMatter),
-                "color": rgb(1),
+                "color": WHITE_MATTER_COLOUR,
             },
             {
                 "value": 2,
