@@ -28,8 +28,9 @@ class Site:
 
 
 @contextmanager
-def run_site(tmp: Path) -> Iterator[Site]:
-    """Orthanc (accepting the modality and radai, forwarding to radai) and radai (sending back to Orthanc)."""
+def run_site(tmp: Path, outputs: list[str] | None = None) -> Iterator[Site]:
+    """Orthanc (accepting the modality and radai, forwarding to radai) and radai (sending back to Orthanc the
+    `outputs` given, else its default ones)."""
     radai_port = free_port()
     extra = {
         "DicomModalities": {
@@ -40,12 +41,14 @@ def run_site(tmp: Path) -> Iterator[Site]:
         "StableAge": STABLE_AGE_S,
     }
     with run_orthanc(tmp / "orthanc", extra=extra) as orthanc:
-        destination = {
+        destination: dict[str, object] = {
             "name": "orthanc",
             "ae_title": orthanc.aet,
             "host": "127.0.0.1",
             "port": orthanc.dicom_port,
         }
+        if outputs is not None:
+            destination["outputs"] = outputs
         with radai_serve(tmp, None, dicom_port=radai_port, destinations=[destination]) as radai:
             yield Site(orthanc, radai)
 

@@ -1,6 +1,7 @@
 """End to end with a real PACS: studies sent to a real Orthanc by DCMTK storescu are auto-forwarded to
 `radai serve` by the shipped Lua script (docs/orthanc/autoforward.lua); radai's results come back into the
-same study in Orthanc, without a forwarding loop, and a study whose job fails gets the "AI did not run" SR."""
+same study in Orthanc (SEG, SR and the Secondary Capture series), without a forwarding loop, and a study whose
+job fails gets the "AI did not run" SR."""
 
 from __future__ import annotations
 
@@ -27,9 +28,15 @@ pytestmark = [
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
-    """Orthanc (accepting the modality and radai, forwarding to radai) and radai (sending back to Orthanc)."""
-    with run_site(tmp_path) as running:
+    """Orthanc (accepting the modality and radai, forwarding to radai) and radai sending back SEG, SR, the
+    burned-in Secondary Capture series and notices."""
+    with run_site(tmp_path, outputs=["seg", "sr", "sc", "notice"]) as running:
         yield running
+
+
+def _job_states(site: Site, study_uid: str) -> list[str]:
+    response = site.radai.get(f"/api/v1/studies/{study_uid}")
+    return [str(job["state"]) for job in response.json()["jobs"]] if response.status_code == 200 else []
 
 
 def test_ct_study_sent_to_orthanc_gets_radai_results_in_the_same_study_once(
@@ -38,16 +45,22 @@ def test_ct_study_sent_to_orthanc_gets_radai_results_in_the_same_study_once(
     study_uid = copy_as_new_study(CT_1004, tmp_path / "ct")
     assert send_folder(site.orthanc.dicom_port, tmp_path / "ct").returncode == 0
 
-    wait_for(lambda: modalities(site.orthanc, study_uid) == ["CT", "SEG", "SR"], 240, "results in Orthanc")
+    expected = ["CT", "OT", "SEG", "SR"]  # OT: the Secondary Capture series for PACS without SEG support
+    wait_for(lambda: modalities(site.orthanc, study_uid) == expected, 240, "results in Orthanc")
+    wait_for(lambda: _job_states(site, study_uid) == ["delivered"], 240, "Orthanc to acknowledge everything")
+    sc_count = len(instances_of(site.orthanc, study_uid, "OT"))
 
     (seg,) = instances_of(site.orthanc, study_uid, "SEG")
     (sr,) = instances_of(site.orthanc, study_uid, "SR")
     assert seg.StudyInstanceUID == sr.StudyInstanceUID == study_uid
+    captures = instances_of(site.orthanc, study_uid, "OT")
+    assert captures and all(ds.BurnedInAnnotation == "YES" for ds in captures)
+    assert all(ds.StudyInstanceUID == study_uid for ds in captures)
     # No loop: the results do not make Orthanc forward the study again (radai keeps one job, one delivery).
     time.sleep(STABLE_AGE_S * 3)
-    study = site.radai.get(f"/api/v1/studies/{study_uid}").json()
-    assert [job["state"] for job in study["jobs"]] == ["delivered"]
-    assert modalities(site.orthanc, study_uid) == ["CT", "SEG", "SR"]
+    assert _job_states(site, study_uid) == ["delivered"]
+    assert modalities(site.orthanc, study_uid) == expected
+    assert len(instances_of(site.orthanc, study_uid, "OT")) == sc_count
 
 
 def test_study_whose_job_fails_gets_the_did_not_run_notice_in_orthanc(site: Site, tmp_path: Path) -> None:
