@@ -27,14 +27,13 @@ from radai.results.seg import (
     MANUFACTURER,
     Algorithm,
     CodedConcept,
-    creation_dates,
     result_uid,
     series_description,
     with_type2,
 )
 
 # Private helpers of the segmentation SR, shared so both reports have the same root.
-from radai.results.sr import device_context, image_library, not_verified_container
+from radai.results.sr import device_context, image_library, not_verified_container, report_attributes
 
 NO_FINDINGS_TEXT = "AI detection found no findings"
 # A detection's probability is written as the CAD templates write a finding's confidence: (111012, DCM,
@@ -221,18 +220,14 @@ def build_findings_sr(req: FindingsRequest) -> Dataset:
             # highdicom copies patient and study from the first and raises on an absent type 2 attribute.
             evidence=[with_type2(req.source[0]), *req.source[1:]],
             content=_content(req),
-            series_instance_uid=result_uid(req.source, algo, "findings", "series"),
-            series_number=req.series_number,
-            sop_instance_uid=result_uid(req.source, algo, "findings", "instance"),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=algo.model_id,
-            software_versions=algo.version,
-            series_description=series_description("findings", algo),
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            **creation_dates(req.created),
+            **report_attributes(
+                req.source,
+                algo,
+                ("findings",),
+                req.series_number,
+                series_description("findings", algo),
+                req.created,
+            ),
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"findings SR could not be built: {exc}") from exc

@@ -26,6 +26,7 @@ from radai.results.seg import (
     creation_dates,
     result_uid,
     series_description,
+    with_type2,
 )
 
 DEFAULT_MAX_POINTS = 256
@@ -33,16 +34,6 @@ _TOLERANCE_PX = 0.75  # Douglas-Peucker start: removes the staircase of diagonal
 _NOTICE_LAYER = "AI_NOTICE"
 _NOTICE_BOX = (0.01, 0.01, 0.99, 0.05)  # DISPLAY units: a strip at the top of the viewport
 _NOTICE_CIELAB = hd.color.CIELabColor.from_rgb(255, 220, 0)
-_TYPE2_READ = (
-    "PatientName",
-    "PatientID",
-    "PatientBirthDate",
-    "PatientSex",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "StudyTime",
-)
 
 
 @dataclass(frozen=True)
@@ -161,16 +152,12 @@ def _douglas_peucker(points: NDArray[np.float64], tolerance: float) -> NDArray[n
 
 
 def _header(ds: Dataset) -> Dataset:
-    """The source's header without pixel data, with the Type 2 patient/study attributes that
-    highdicom's GSPS reads unconditionally added empty when the source lacks them."""
+    """The source's header without pixel data, as :func:`with_type2` prepares it for highdicom (its GSPS
+    reads the type 2 patient/study attributes unconditionally)."""
     header = Dataset()
-    for element in ds:
-        if element.tag.group == 0x7FE0 or (element.keyword == "SpecificCharacterSet" and not element.value):
-            continue  # no pixels; an empty character set is the default one, which highdicom refuses as a value
-        header.add(element)
-    for keyword in _TYPE2_READ:
-        if keyword not in header:
-            setattr(header, keyword, "")
+    for element in with_type2(ds):
+        if element.tag.group != 0x7FE0:
+            header.add(element)
     return header
 
 

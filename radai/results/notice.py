@@ -20,8 +20,8 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from radai.errors import EncodingError
-from radai.results.seg import MANUFACTURER, Algorithm, creation_dates, result_uid, with_type2
-from radai.results.sr import device_context
+from radai.results.seg import Algorithm, with_type2
+from radai.results.sr import device_context, report_attributes
 
 NOT_PERFORMED_TEXT = "AI analysis NOT performed: do not read the absence of AI results as a normal finding"
 _QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
@@ -128,18 +128,9 @@ def build_notice(req: NoticeRequest) -> Dataset:
             # highdicom copies patient and study from the first and raises on an absent type 2 attribute.
             evidence=[with_type2(req.source[0]), *req.source[1:]],
             content=_content(req),
-            series_instance_uid=result_uid(req.source, algo, "notice", "series"),
-            series_number=req.series_number,
-            sop_instance_uid=result_uid(req.source, algo, "notice", "instance"),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=algo.model_id,
-            software_versions=algo.version,
-            series_description=notice_description(algo),
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            **creation_dates(req.created),
+            **report_attributes(
+                req.source, algo, ("notice",), req.series_number, notice_description(algo), req.created
+            ),
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"notice SR could not be built: {exc}") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -315,6 +316,32 @@ def _report(req: SrRequest) -> hd.sr.MeasurementReport:
     return report
 
 
+def report_attributes(
+    source: Sequence[Dataset],
+    algo: Algorithm,
+    kind: Sequence[str],
+    series_number: int,
+    description: str,
+    created: datetime.datetime | None,
+) -> dict[str, Any]:
+    """The keyword arguments every radai SR shares: deterministic series and instance UIDs from ``kind``,
+    the model as manufacturer model and software version, COMPLETE and UNVERIFIED."""
+    return {
+        "series_instance_uid": result_uid(source, algo, *kind, "series"),
+        "series_number": series_number,
+        "sop_instance_uid": result_uid(source, algo, *kind, "instance"),
+        "instance_number": 1,
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": algo.model_id,
+        "software_versions": algo.version,
+        "series_description": description,
+        "is_complete": True,
+        "is_final": False,
+        "is_verified": False,
+        **creation_dates(created),
+    }
+
+
 def build_sr(req: SrRequest) -> Dataset:
     """Encode the measurements as a COMPLETE, UNVERIFIED Comprehensive 3D SR (TID 1500).
 
@@ -329,18 +356,14 @@ def build_sr(req: SrRequest) -> Dataset:
         return hd.sr.Comprehensive3DSR(
             evidence=[req.seg, *req.source],
             content=_report(req),
-            series_instance_uid=result_uid(req.source, algo, "sr", *req.uid_parts, "series"),
-            series_number=req.series_number,
-            sop_instance_uid=result_uid(req.source, algo, "sr", *req.uid_parts, "instance"),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=algo.model_id,
-            software_versions=algo.version,
-            series_description=series_description("SR", algo),
-            is_complete=True,
-            is_final=False,
-            is_verified=False,
-            **creation_dates(req.created),
+            **report_attributes(
+                req.source,
+                algo,
+                ("sr", *req.uid_parts),
+                req.series_number,
+                series_description("SR", algo),
+                req.created,
+            ),
         )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         raise EncodingError(f"SR could not be built: {exc}") from exc
