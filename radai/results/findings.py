@@ -17,14 +17,12 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
-from highdicom.sr.templates import DEFAULT_LANGUAGE
 from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from radai.errors import EncodingError
 from radai.results.seg import (
-    MANUFACTURER,
     Algorithm,
     CodedConcept,
     result_uid,
@@ -33,7 +31,12 @@ from radai.results.seg import (
 )
 
 # Private helpers of the segmentation SR, shared so both reports have the same root.
-from radai.results.sr import device_context, image_library, not_verified_container, report_attributes
+from radai.results.sr import (
+    algorithm_identification,
+    not_verified_container,
+    report_attributes,
+    report_root,
+)
 
 NO_FINDINGS_TEXT = "AI detection found no findings"
 # A detection's probability is written as the CAD templates write a finding's confidence: (111012, DCM,
@@ -163,25 +166,8 @@ def _content(req: FindingsRequest) -> hd.sr.ContentSequence:
     insists on at least one measurement group, which a report of no findings has not."""
     algo = req.algorithm
     frame_of_reference = _frame_of_reference(req.source)
-    context = device_context(algo)
-    algorithm_id = hd.sr.AlgorithmIdentification(
-        name=algo.model_id,
-        version=algo.version,
-        family=codes.DCM.ArtificialIntelligence,
-        manufacturer=MANUFACTURER,
-    )
-    root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport, template_id="1500")
-    root.ContentSequence = hd.sr.ContentSequence()
-    root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
-    root.ContentSequence.extend(context)
-    root.ContentSequence.append(
-        hd.sr.CodeContentItem(
-            name=codes.DCM.ProcedureReported,
-            value=codes.SCT.ImagingProcedure,
-            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
-        )
-    )
-    root.ContentSequence.append(image_library(req.source))
+    algorithm_id = algorithm_identification(algo)
+    root = report_root(req.source, algo)
     statement = not_verified_container()
     if req.findings:
         measurements = hd.sr.ContainerContentItem(

@@ -15,19 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
-from highdicom.sr.templates import DEFAULT_LANGUAGE
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from radai.errors import EncodingError
 from radai.results.seg import Algorithm, with_type2
-from radai.results.sr import device_context, report_attributes
+from radai.results.sr import QUALITATIVE_EVALUATIONS, report_attributes, report_root
 
 NOT_PERFORMED_TEXT = "AI analysis NOT performed: do not read the absence of AI results as a normal finding"
-_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept(
-    value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations"
-)
-_SOURCE = hd.sr.CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source")
 _REASON_MAX = 400
 
 
@@ -59,7 +54,7 @@ def _statement(req: NoticeRequest) -> hd.sr.ContainerContentItem:
     algo = req.algorithm
     reason = " ".join(req.reason.split())[:_REASON_MAX] or "unknown reason"
     container = hd.sr.ContainerContentItem(
-        name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
     container.ContentSequence = hd.sr.ContentSequence(
         [
@@ -71,46 +66,9 @@ def _statement(req: NoticeRequest) -> hd.sr.ContainerContentItem:
     return container
 
 
-def _library(source: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
-    group = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImageLibraryGroup, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    group.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.ImageContentItem(
-                name=_SOURCE,
-                referenced_sop_class_uid=str(ds.SOPClassUID),
-                referenced_sop_instance_uid=str(ds.SOPInstanceUID),
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-            for ds in source
-        ]
-    )
-    library = hd.sr.ContainerContentItem(
-        name=codes.DCM.ImageLibrary, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
-    )
-    library.ContentSequence = hd.sr.ContentSequence([group])
-    return library
-
-
 def _content(req: NoticeRequest) -> hd.sr.ContentSequence:
-    """The TID 1500 root as highdicom's MeasurementReport writes it, which insists on at least one imaging
-    measurement: TID 1500 needs Imaging Measurements *or* Qualitative Evaluations, and a notice has only the
-    latter, so the root is assembled here from highdicom's content items."""
-    algo = req.algorithm
-    context = device_context(algo)
-    root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport, template_id="1500")
-    root.ContentSequence = hd.sr.ContentSequence()
-    root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
-    root.ContentSequence.extend(context)
-    root.ContentSequence.append(
-        hd.sr.CodeContentItem(
-            name=codes.DCM.ProcedureReported,
-            value=codes.SCT.ImagingProcedure,
-            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
-        )
-    )
-    root.ContentSequence.append(_library(req.source))
+    """TID 1500 without Imaging Measurements: the root, then the statement as Qualitative Evaluations."""
+    root = report_root(req.source, req.algorithm)
     root.ContentSequence.append(_statement(req))
     return hd.sr.ContentSequence([root], is_root=True)
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from highdicom.sr.templates import DEFAULT_LANGUAGE
 from numpy.typing import NDArray
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
@@ -43,7 +44,7 @@ _MEAN_QUANTITY: dict[str, tuple[Code, Code]] = {
 }
 # TID 1500 row "Qualitative Evaluations" (a CONTAINER of CODE or TEXT items); highdicom has no
 # parameter for it, so it is appended to the report's root container by hand.
-_QUALITATIVE_EVALUATIONS = Code(value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations")
+QUALITATIVE_EVALUATIONS = Code(value="C0034375", scheme_designator="UMLS", meaning="Qualitative Evaluations")
 
 
 @dataclass(frozen=True)
@@ -209,7 +210,7 @@ def _planar_group(
 
 def not_verified_container() -> hd.sr.ContainerContentItem:
     item = hd.sr.ContainerContentItem(
-        name=_QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+        name=QUALITATIVE_EVALUATIONS, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
     )
     item.ContentSequence = hd.sr.ContentSequence(
         [
@@ -286,15 +287,40 @@ def device_context(algo: Algorithm) -> hd.sr.ObservationContext:
     )
 
 
-def _report(req: SrRequest) -> hd.sr.MeasurementReport:
-    algo = req.algorithm
-    context = device_context(algo)
-    algorithm_id = hd.sr.AlgorithmIdentification(
+def algorithm_identification(algo: Algorithm) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 algorithm identification of the model (an AI algorithm by radai)."""
+    return hd.sr.AlgorithmIdentification(
         name=algo.model_id,
         version=algo.version,
         family=codes.DCM.ArtificialIntelligence,
         manufacturer=MANUFACTURER,
     )
+
+
+def report_root(source: Sequence[Dataset], algo: Algorithm) -> hd.sr.ContainerContentItem:
+    """A TID 1500 root up to its Image Library (language, the model as observing device, procedure reported,
+    image library), as highdicom's MeasurementReport writes it. For reports with no imaging measurement (a
+    notice, no findings), which MeasurementReport refuses: TID 1500 needs Imaging Measurements *or*
+    Qualitative Evaluations. The caller appends the rest."""
+    root = hd.sr.ContainerContentItem(name=codes.cid7021.ImagingMeasurementReport, template_id="1500")
+    root.ContentSequence = hd.sr.ContentSequence()
+    root.ContentSequence.extend(hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE))
+    root.ContentSequence.extend(device_context(algo))
+    root.ContentSequence.append(
+        hd.sr.CodeContentItem(
+            name=codes.DCM.ProcedureReported,
+            value=codes.SCT.ImagingProcedure,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    root.ContentSequence.append(image_library(source))
+    return root
+
+
+def _report(req: SrRequest) -> hd.sr.MeasurementReport:
+    algo = req.algorithm
+    context = device_context(algo)
+    algorithm_id = algorithm_identification(algo)
     report = hd.sr.MeasurementReport(
         observation_context=context,
         procedure_reported=codes.SCT.ImagingProcedure,
