@@ -10,23 +10,27 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from dicom_router.receiver import Receiver
 from dicom_router.scp import ScpOptions
 from dicom_router.security import AllowedPeer
 from radai.config import DestinationSettings, DicomSettings, Settings
 from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy, plan_from_settings
-from radai.errors import ConfigError, ModelPackageError, RadaiError
-from radai.models.registry import ModelPackage, RunnerFactory, discover, reference_check
+from radai.errors import ConfigError, NotFoundError
+from radai.hosting import HostOptions, ModelHost
+from radai.models.archive import ArchiveLimits, extract_package
+from radai.models.registry import ModelPackage, RunnerFactory, validate_package
 from radai.ports import ModelRunner, ResultSender
 from radai.runtime import create_runner
-from radai.scheduling.loop import BatchRecord, Scheduler
+from radai.scheduling.loop import BatchRecord
 from radai.senders import DicomSender, router_tls
+from radai.storage.model_store import Entry, ModelStore
 from radai.storage.sqlite import SqliteJobStore
 from radai.stow import StowSender
-from radai.workflow import ModelSlot, Workflow
+from radai.workflow import Workflow
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +68,92 @@ def scp_options(dicom: DicomSettings) -> ScpOptions:
     )
 
 
-def load_models(settings: Settings) -> list[ModelPackage]:
-    packages = discover(settings.models.search_paths(), settings.models.enabled)
-    if not packages:
-        raise ConfigError(
-            "no valid model package found (models.paths: "
-            f"{', '.join(str(p) for p in settings.models.search_paths()) or 'none'})"
-        )
-    return packages
+def model_store(settings: Settings) -> ModelStore:
+    """The registry: installed packages under the registry folder, plus the bundled (or configured) ones."""
+    return ModelStore(settings.registry_dir, settings.models.search_paths(), settings.models.enabled)
+
+
+def model_view(entry: Entry, holding: int | None = None) -> dict[str, Any]:
+    """One registered version as the API and `radai models show` describe it."""
+    c = entry.package.card
+    return {
+        "id": c.id,
+        "version": c.version,
+        "key": c.key,
+        "name": c.name,
+        "task": c.task,
+        "kind": c.kind,
+        "modality": c.modality,
+        "body_part": c.body_part,
+        "labels": [lab.name for lab in c.labels],
+        "consumes": c.consumes.model if c.consumes else None,
+        "sha256": c.runtime.sha256,
+        "source": entry.source,
+        "active": entry.active,
+        "shadow": entry.shadow,
+        "jobs_holding": holding,
+        "intended_use": c.intended_use,
+        "licence": c.licence,
+        "not_for_clinical_use": c.not_for_clinical_use,
+    }
+
+
+class RegistryAdmin:
+    """The registry writes of the HTTP API (radai.api.models.ModelAdmin): each takes effect in the running
+    server at once (the host reconciles right after), without a restart."""
+
+    def __init__(self, registry: ModelStore, host: ModelHost | None, settings: Settings) -> None:
+        self._registry = registry
+        self._host = host
+        token = settings.api.admin_token
+        self.admin_token = token.get_secret_value() if token is not None else None
+        self.max_upload_bytes = settings.models.max_upload_bytes
+        self._validate = make_validator(settings.scheduler.device)
+
+    def _sync(self) -> None:
+        if self._host is not None:
+            self._host.reconcile()
+
+    def views(self) -> list[dict[str, Any]]:
+        loaded = self._host.loaded if self._host is not None else {}
+        return [model_view(e, loaded.get(e.key)) for e in self._registry.entries()]
+
+    def add_archive(self, archive: Path, workdir: Path) -> tuple[dict[str, Any], bool]:
+        limits = ArchiveLimits(max_total_bytes=self.max_upload_bytes)
+        added = self._registry.add(extract_package(archive, workdir, limits), self._validate)
+        self._sync()
+        return model_view(self._registry.find(added.entry.key)), added.new
+
+    def activate(self, ref: str) -> dict[str, Any]:
+        entry = self._registry.activate(ref)
+        self._sync()
+        return model_view(entry)
+
+    def set_shadow(self, model_id: str, version: str | None) -> dict[str, Any] | None:
+        if version is None:
+            if not self._registry.clear_shadow(model_id):
+                raise NotFoundError(f"model {model_id!r} has no shadow version")
+            self._sync()
+            return None
+        entry = self._registry.set_shadow(f"{model_id}@{version}")
+        self._sync()
+        return model_view(entry)
+
+    def remove(self, ref: str) -> list[str]:
+        removed = self._registry.remove(ref)
+        self._sync()
+        return removed
+
+
+def make_validator(device: str) -> Callable[[Path], ModelPackage]:
+    """Registration checks with a runner on `device` (radai.models.registry.validate_package)."""
+    factory = make_runner_factory(device)
+
+    def validate(directory: Path) -> ModelPackage:
+        package, _ = validate_package(directory, factory)
+        return package
+
+    return validate
 
 
 class Server:
@@ -80,31 +162,16 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = SqliteJobStore(settings.storage.database)
-        self.models = load_models(settings)
-        self._schedulers: dict[str, Scheduler] = {}
-        slots: dict[str, ModelSlot] = {}
-        factory = make_runner_factory(settings.scheduler.device)
-        for pkg in self.models:
-            try:
-                reference_check(pkg, factory)
-            except (ModelPackageError, RadaiError) as exc:
-                raise ConfigError(f"model {pkg.key} failed validation: {exc}") from exc
-            runner = create_runner(
-                pkg.card.runtime.backend,
-                pkg.weights,
-                output_channels=pkg.card.output.channels,
-                device=settings.scheduler.device,
-            )
-            scheduler = Scheduler(
-                pkg.card.id,
-                runner,
-                pkg.card.runtime.max_batch,
-                settings.scheduler.max_wait_seconds,
+        self.registry = model_store(settings)
+        self.host = ModelHost(
+            self.registry,
+            make_runner_factory(settings.scheduler.device),
+            HostOptions(
+                max_wait_s=settings.scheduler.max_wait_seconds,
+                poll_s=settings.models.poll_seconds,
                 on_batch=self._on_batch,
-            )
-            self._schedulers[pkg.key] = scheduler
-            log.info("model %s ready (%s, %s)", pkg.key, pkg.card.runtime.backend, describe(runner))
-            slots[pkg.key] = ModelSlot(package=pkg, inferer=scheduler)
+            ),
+        )
         names = [d.name for d in settings.destinations]
         if len(set(names)) != len(names):
             raise ConfigError(f"invalid setting 'destinations': names must be unique ({', '.join(names)})")
@@ -121,7 +188,7 @@ class Server:
         )
         self.probe = DestinationProbe(senders, ttl_seconds=settings.delivery.echo_cache_seconds)
         self.workflow = Workflow(
-            slots,
+            self.host,
             self.delivery,
             self.store,
             workers=settings.scheduler.job_workers,
@@ -178,15 +245,14 @@ class Server:
         return {
             "spool_writable": spool.is_dir() and os.access(spool, os.W_OK),
             "database": self.store.ping(),
-            "models_loaded": bool(self._schedulers),
+            "models_loaded": bool(self.host.active),
             "disk_free": self._spool_has_room(),
             **self.probe.checks(),
         }
 
     def start(self) -> None:
         self.settings.storage.spool_dir.mkdir(parents=True, exist_ok=True)
-        for s in self._schedulers.values():
-            s.start()
+        self.host.start()  # loads and checks every selected model version; refuses to start with none
         self.delivery.start()  # resumes the deliveries a stopped process left
         for job_id in self.store.unsettled_jobs():
             self.workflow.delivery_settled(job_id)
@@ -196,7 +262,7 @@ class Server:
             self.settings.dicom.ae_title,
             self.settings.dicom.host,
             self.receiver.port,
-            ", ".join(p.key for p in self.models),
+            ", ".join(p.key for p in self.host.active),
         )
 
     def stop(self) -> None:
@@ -204,8 +270,7 @@ class Server:
         self.receiver.stop()
         self.workflow.close()
         self.delivery.stop()
-        for s in self._schedulers.values():
-            s.stop()
+        self.host.stop()
         self.store.close()
         log.info("radai stopped")
 
@@ -219,7 +284,9 @@ def serve(settings: Settings) -> None:
     server = Server(settings)
     server.start()
     try:
-        api = create_api(server.store, server.models, server.readiness)
+        api = create_api(
+            server.store, server.readiness, RegistryAdmin(server.registry, server.host, settings)
+        )
         uvicorn.run(api, host=settings.api.host, port=settings.api.port, log_level="warning")
     finally:
         server.stop()

@@ -17,10 +17,14 @@ from radai.config import Settings, load_settings
 from radai.errors import RadaiError
 
 if TYPE_CHECKING:
+    from radai.storage.model_store import Entry, ModelStore
     from radai.storage.sqlite import SqliteJobStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="radai: radiology AI inference server.")
-models_app = typer.Typer(no_args_is_help=True, help="Model packages: list and validate.")
+models_app = typer.Typer(
+    no_args_is_help=True,
+    help="Model registry: add, list, show, activate, shadow, remove and validate model packages.",
+)
 studies_app = typer.Typer(no_args_is_help=True, help="Studies received, their jobs and deliveries.")
 app.add_typer(models_app, name="models")
 app.add_typer(studies_app, name="studies")
@@ -83,29 +87,119 @@ def demo(
     typer.echo("AI result, not verified: not for clinical use.")
 
 
+def _registry(config: Path | None) -> ModelStore:
+    from radai.app import model_store
+
+    return model_store(_settings(config))
+
+
+def _describe(entry: Entry) -> str:
+    c = entry.package.card
+    state = "active" if entry.active else "shadow" if entry.shadow else "-"
+    return f"{c.key}\t{state}\t{entry.source}\t{c.task}\t{c.modality}/{c.body_part}\t{c.kind}\t{c.name}"
+
+
 @models_app.command("list")
 def models_list(config: ConfigOpt = None) -> None:
-    """List the model packages the server would serve."""
-    from radai.models.registry import discover
+    """List every registered model version: whether it is active or in shadow, and where it comes from."""
+    entries = _registry(config).entries()
+    if not entries:
+        typer.echo("no model packages found")
+    for entry in entries:
+        typer.echo(_describe(entry))
+
+
+@models_app.command("show")
+def models_show(
+    ref: Annotated[str, typer.Argument(help="ID (its active version) or ID@VERSION.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Show one model version's card summary and state as JSON."""
+    from radai.app import model_view
+
+    typer.echo(json.dumps(model_view(_registry(config).find(ref)), indent=2))
+
+
+@models_app.command("add")
+def models_add(
+    path: Annotated[Path, typer.Argument(help="A model package folder, or a .zip / .tar.gz of one.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Validate a package and register it. The first version of a model becomes active; a later version waits
+    for `radai models activate`. A running server picks the change up without a restart."""
+    import tempfile
+
+    from radai.app import make_validator
+    from radai.models.archive import ArchiveLimits, extract_package
 
     settings = _settings(config)
-    packages = discover(settings.models.search_paths(), settings.models.enabled)
-    if not packages:
-        typer.echo("no model packages found")
+    registry = _registry(config)
+    typer.echo(f"validating {path.name} (schema, files, checksum, ONNX graph, reference inference) ...")
+    with tempfile.TemporaryDirectory(prefix="radai-add-") as tmp:
+        folder = path
+        if path.is_file():
+            limits = ArchiveLimits(max_total_bytes=settings.models.max_upload_bytes)
+            folder = extract_package(path, Path(tmp) / "unpacked", limits)
+        elif not path.is_dir():
+            raise RadaiError(f"{path}: no such package folder or archive")
+        added = registry.add(folder, make_validator(settings.scheduler.device))
+    entry = added.entry
+    if not added.new:
+        typer.echo(f"{entry.key}: already registered with the same weights; nothing changed")
+    elif entry.active:
+        typer.echo(f"{entry.key}: registered and active")
+    else:
+        typer.echo(f"{entry.key}: registered; activate it with `radai models activate {entry.key}`")
+
+
+@models_app.command("activate")
+def models_activate(ref: Annotated[str, typer.Argument(help="ID@VERSION")], config: ConfigOpt = None) -> None:
+    """Switch new jobs of a model to this version; jobs already running finish on theirs."""
+    entry = _registry(config).activate(ref)
+    typer.echo(f"{entry.key}: active (a running server switches within models.poll_seconds)")
+
+
+@models_app.command("shadow")
+def models_shadow(
+    ref: Annotated[str, typer.Argument(help="ID@VERSION to run in shadow, or ID with --off.")],
+    off: Annotated[bool, typer.Option("--off", help="Stop the shadow run of model ID.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Run a version in shadow of the active one: on live studies, results compared (Dice / matched findings,
+    in the study record and metrics), never sent."""
+    registry = _registry(config)
+    if off:
+        from radai.storage.model_store import parse_ref
+
+        model_id, _ = parse_ref(ref)
+        if not registry.clear_shadow(model_id):
+            raise RadaiError(f"model {model_id!r} has no shadow version")
+        typer.echo(f"{model_id}: shadow run stopped")
         return
-    for p in packages:
-        c = p.card
-        typer.echo(f"{c.id}@{c.version}\t{c.task}\t{c.modality}/{c.body_part}\t{c.kind}\t{c.name}")
+    entry = registry.set_shadow(ref)
+    typer.echo(f"{entry.key}: runs in shadow of the active version; its results are never sent")
+
+
+@models_app.command("remove")
+def models_remove(
+    ref: Annotated[str, typer.Argument(help="ID (every version) or ID@VERSION.")], config: ConfigOpt = None
+) -> None:
+    """Remove a version (not the active one while others exist) or a whole model. Bundled models are disabled,
+    not deleted. Running jobs finish on the version they hold."""
+    for item in _registry(config).remove(ref):
+        typer.echo(f"removed {item}")
 
 
 @models_app.command("validate")
 def models_validate(path: Annotated[Path, typer.Argument(help="A model package folder.")]) -> None:
-    """Check a package: card schema, files, checksum, and a test inference on its reference input."""
+    """Run every registration check on a package without registering it: nothing that unpickles, card schema,
+    files, checksum, ONNX graph against the card, and a test inference on its reference input."""
     from radai.app import make_runner_factory
-    from radai.models.registry import open_package, reference_check
+    from radai.models.registry import validate_package
 
-    pkg = open_package(path)
-    diff = reference_check(pkg, make_runner_factory("cpu"))
+    if not path.is_dir():
+        raise RadaiError(f"{path}: no such package folder")
+    pkg, diff = validate_package(path, make_runner_factory("cpu"))
     typer.echo(f"{pkg.key}: valid (reference max abs diff {diff:.2e} <= {pkg.card.reference.atol})")
 
 

@@ -266,6 +266,15 @@ class ApiSettings(BaseModel):
     model_config = _SECTION
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # Bearer token for write routes (model uploads, activation). Unset: every write route answers 403.
+    admin_token: SecretStr | None = None
+
+    @field_validator("admin_token")
+    @classmethod
+    def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (use a random secret)")
+        return value
 
 
 def bundled_models_dir() -> Path | None:
@@ -283,6 +292,12 @@ class ModelsSettings(BaseModel):
     paths: list[Path] = Field(default_factory=list)
     # Model ids to serve; empty means all found.
     enabled: list[str] = Field(default_factory=list)
+    # The registry of installed packages (`radai models add`); empty means <storage.data_dir>/models.
+    registry_dir: Path | None = None
+    # How often a running server looks for activations, new versions and removals.
+    poll_seconds: float = Field(default=2.0, gt=0.0, le=3600.0)
+    # Largest package archive `POST /api/v1/models` accepts (compressed and unpacked).
+    max_upload_bytes: int = Field(default=2 * 1024**3, ge=1024)
 
     def search_paths(self) -> list[Path]:
         if self.paths:
@@ -309,6 +324,10 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     models: ModelsSettings = ModelsSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.models.registry_dir or self.storage.data_dir / "models"
 
     @classmethod
     def settings_customise_sources(

@@ -99,3 +99,22 @@ DESTINATION_UP = Gauge(
     ["destination"],
     registry=REGISTRY,
 )
+SHADOW_AGREEMENT = Histogram(
+    "radai_shadow_agreement",
+    "Agreement of a shadow model version with the active version on the same series: Dice per label "
+    "(label = the label's name) for segmentation, F1 of matched findings (label = 'findings') for detection",
+    ["model", "version", "label"],
+    buckets=(0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 1.0),
+    registry=REGISTRY,
+)
+SHADOW_RUNS = Counter(
+    "radai_shadow_runs_total",
+    "Shadow runs by outcome (compared, failed); their results are never sent",
+    ["model", "version", "outcome"],
+    registry=REGISTRY,
+)
+MODEL_ACTIVATIONS = Counter(
+    "radai_model_switches_total",
+    "Times a running server switched which versions it serves (activation, shadow, add, remove)",
+    registry=REGISTRY,
+)

@@ -13,13 +13,16 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import Dataset
 
+from radai.detection import decode_centers
 from radai.domain import Stage
 from radai.errors import InferenceError
-from radai.imaging.resample import prepare, to_source_grid
+from radai.imaging.resample import Prepared, prepare, to_source_grid
 from radai.imaging.volume import Volume, build_volume
-from radai.models.manifest import ModelCard
+from radai.models.manifest import CentersPost, ModelCard
 from radai.outputs import Needed, Output, needed, seg_key, sr_key
 from radai.ports import PatchInferer
+from radai.postprocess import restrict, to_labels
+from radai.results.findings import DetectionFinding, FindingsRequest, build_findings_sr
 from radai.results.gsps import GspsRequest, build_gsps
 from radai.results.sc import ScRequest, iter_sc
 from radai.results.seg import Algorithm, CodedConcept, SegmentSpec, SegRequest, build_seg, check_source
@@ -33,9 +36,10 @@ log = logging.getLogger(__name__)
 class JobResult:
     job_id: str
     outputs: tuple[Output, ...]
-    labels: NDArray[np.uint8]
+    labels: NDArray[np.uint8]  # segmentation label map on the source grid (all zero for a detector)
     volume: Volume
     source: tuple[Dataset, ...]
+    findings: tuple[DetectionFinding, ...] = ()  # a detector's findings (patient LPS mm)
 
     @property
     def datasets(self) -> tuple[Dataset, ...]:
@@ -43,8 +47,8 @@ class JobResult:
         return tuple(o.dataset for o in self.outputs)
 
 
-def algorithm_of(card: ModelCard) -> Algorithm:
-    return Algorithm(model_id=card.id, version=card.version, name=card.name)
+def algorithm_of(card: ModelCard, inputs: Sequence[str] = ()) -> Algorithm:
+    return Algorithm(model_id=card.id, version=card.version, name=card.name, inputs=tuple(inputs))
 
 
 def segments_of(card: ModelCard) -> list[SegmentSpec]:
@@ -61,17 +65,87 @@ def segments_of(card: ModelCard) -> list[SegmentSpec]:
     ]
 
 
-def infer_labels(volume: Volume, card: ModelCard, inferer: PatchInferer, job_id: str) -> NDArray[np.uint8]:
-    """Model space, batched sliding window, back to the source grid, argmax: labels shaped like the volume."""
+def _model_scores(
+    volume: Volume, card: ModelCard, inferer: PatchInferer, job_id: str
+) -> tuple[NDArray[np.float32], Prepared]:
     prepared = prepare(volume, card.input)
     scores = sliding_window(
         prepared.image, card.input, lambda p: inferer.infer(job_id, p), sw_batch_size=card.runtime.max_batch
     )
     if scores.shape[0] != card.output.channels:
         raise InferenceError(f"model returned {scores.shape[0]} channels, card says {card.output.channels}")
-    back = to_source_grid(scores, prepared)
-    labels: NDArray[np.uint8] = np.argmax(back, axis=0).astype(np.uint8)
-    return labels
+    return scores, prepared
+
+
+def infer_labels(
+    volume: Volume,
+    card: ModelCard,
+    inferer: PatchInferer,
+    job_id: str,
+    mask: NDArray[np.bool_] | None = None,
+) -> NDArray[np.uint8]:
+    """Model space, batched sliding window, back to the source grid, the card's postprocessing (argmax or
+    thresholds, connected components), restricted to ``mask``: labels shaped like the volume."""
+    scores, prepared = _model_scores(volume, card, inferer, job_id)
+    labels = to_labels(to_source_grid(scores, prepared), card.output)
+    return labels if mask is None else restrict(labels, mask)
+
+
+def _to_lps(affine: NDArray[np.float64], ijk: NDArray[np.float64]) -> NDArray[np.float64]:
+    """(n, 3) voxel coordinates -> (n, 3) patient LPS mm, through a voxel -> RAS affine."""
+    ras = ijk @ affine[:3, :3].T + affine[:3, 3]
+    lps: NDArray[np.float64] = ras * np.array([-1.0, -1.0, 1.0])
+    return lps
+
+
+def infer_findings(
+    volume: Volume,
+    card: ModelCard,
+    inferer: PatchInferer,
+    job_id: str,
+    mask: NDArray[np.bool_] | None = None,
+) -> list[DetectionFinding]:
+    """A detector's findings in patient coordinates: dense maps in model space, decoded there (peaks, boxes,
+    NMS), each box's corners mapped to LPS. With ``mask``, findings whose centre falls outside are dropped."""
+    post = card.output.postprocess
+    if not isinstance(post, CentersPost):
+        raise InferenceError(f"{card.key}: not a detection model")
+    scores, prepared = _model_scores(volume, card, inferer, job_id)
+    spacing = tuple(float(v) for v in np.linalg.norm(prepared.affine[:3, :3], axis=0))
+    detections = decode_centers(scores, post, (spacing[0], spacing[1], spacing[2]))
+    by_value = {lab.value: lab for lab in card.labels}
+    inverse = np.linalg.inv(prepared.source_affine)
+    findings: list[DetectionFinding] = []
+    for det in detections:
+        center = np.asarray(det.center, dtype=np.float64)
+        half = np.asarray(det.size, dtype=np.float64) / 2.0
+        corners = (
+            np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)]) * half + center
+        )
+        lps_corners = _to_lps(prepared.affine, corners)
+        center_lps = _to_lps(prepared.affine, center[None])[0]
+        if mask is not None:
+            ras = center_lps * np.array([-1.0, -1.0, 1.0])
+            ijk = np.rint(inverse[:3, :3] @ ras + inverse[:3, 3]).astype(int)
+            inside = all(0 <= ijk[a] < mask.shape[a] for a in range(3))
+            if not inside or not mask[tuple(ijk)]:
+                continue
+        label = by_value[det.value]
+        low, high = lps_corners.min(axis=0), lps_corners.max(axis=0)
+        findings.append(
+            DetectionFinding(
+                label=label.name,
+                type=CodedConcept(label.type.scheme, label.type.value, label.type.meaning),
+                center_mm=(float(center_lps[0]), float(center_lps[1]), float(center_lps[2])),
+                box_mm=(
+                    (float(low[0]), float(low[1]), float(low[2])),
+                    (float(high[0]), float(high[1]), float(high[2])),
+                ),
+                probability=min(max(det.score, 0.0), 1.0),
+                size_mm=float(max(np.asarray(det.size) * np.asarray(spacing))),
+            )
+        )
+    return findings
 
 
 def key_region(
@@ -122,13 +196,14 @@ def encode_results(
     labels: NDArray[np.uint8],
     card: ModelCard,
     wanted: Needed | None = None,
+    inputs: Sequence[str] = (),
 ) -> list[Output]:
     """The result objects ``wanted`` asks for (default: the BINARY SEG and its TID 1500 SR).
 
     ``source``: the single-frame images of the volume's slices in order, or its one multi-frame image. SC and
     GSPS are per-slice images and are made for single-frame sources only (logged when skipped)."""
     wanted = wanted if wanted is not None else needed([])
-    algorithm, specs = algorithm_of(card), segments_of(card)
+    algorithm, specs = algorithm_of(card, inputs), segments_of(card)
     outputs: list[Output] = []
     measurements = _measurements(volume, labels, card, specs, source) if wanted.sr_variants else []
     for variant in wanted.seg_variants:
@@ -177,6 +252,15 @@ def _legacy(
         )
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """Another model's output a job is restricted to (multi-model pipelines): its mask on the same source
+    grid and how the results name it."""
+
+    mask: NDArray[np.bool_]
+    description: str  # e.g. "restricted to lung-mask@1.0.0 labels 2"
+
+
 def run_pipeline(
     datasets: Sequence[Dataset],
     card: ModelCard,
@@ -184,6 +268,7 @@ def run_pipeline(
     job_id: str,
     mark: Callable[[Stage], None] = lambda _s: None,
     wanted: Needed | None = None,
+    upstream: Upstream | None = None,
 ) -> JobResult:
     """Everything between 'queued' and 'encoded' for one job, on datasets already read."""
     volume = build_volume(datasets)
@@ -195,9 +280,25 @@ def run_pipeline(
     source = [by_uid[uid] for uid in uids]
     # Checked before inference so no GPU time is spent on a result that cannot be encoded.
     check_source(source, volume.frame_numbers)
-    labels = infer_labels(volume, card, inferer, job_id)
+    mask = None if upstream is None else upstream.mask
+    inputs = () if upstream is None else (upstream.description,)
+    if card.task == "detection":
+        findings = infer_findings(volume, card, inferer, job_id, mask)
+        mark(Stage.INFERRED)
+        wanted = wanted if wanted is not None else needed([])
+        outputs: list[Output] = []
+        if wanted.sr_variants:
+            report = build_findings_sr(
+                FindingsRequest(source=source, findings=findings, algorithm=algorithm_of(card, inputs))
+            )
+            # One findings SR, offered under each SR key a destination may want (SEG variants do not apply).
+            outputs.extend(Output(sr_key(v), report) for v in wanted.sr_variants)
+        mark(Stage.ENCODED)
+        empty = np.zeros(volume.array.shape, dtype=np.uint8)
+        return JobResult(job_id, tuple(outputs), empty, volume, tuple(source), tuple(findings))
+    labels = infer_labels(volume, card, inferer, job_id, mask)
     mark(Stage.INFERRED)
-    outputs = encode_results(source, volume, labels, card, wanted)
+    outputs = encode_results(source, volume, labels, card, wanted, inputs)
     mark(Stage.ENCODED)
     return JobResult(
         job_id=job_id, outputs=tuple(outputs), labels=labels, volume=volume, source=tuple(source)

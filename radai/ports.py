@@ -16,6 +16,7 @@ from radai.domain import (
     JobRecord,
     JobSpec,
     JobState,
+    ShadowRecord,
     Stage,
     StudyRecord,
     StudyState,
@@ -64,6 +65,8 @@ class JobStore(Protocol):
     ) -> None: ...
 
     def record_batch(self, job_ids: Sequence[str]) -> None: ...
+
+    def record_shadow(self, record: ShadowRecord) -> None: ...
 
     def list_studies(self, limit: int = 100) -> list[StudyRecord]: ...
 

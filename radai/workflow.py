@@ -17,37 +17,56 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pydicom
+from numpy.typing import NDArray
 from pydicom import Dataset
 
 from dicom_router.assembler import Series, Study
-from dicom_router.selection import select_series
 from radai import metrics
-from radai.domain import JobRecord, JobSpec, JobState, Stage, StudyRecord, StudyState, hashed, job_id_for
-from radai.errors import EncodingError, NotFoundError, RadaiError
+from radai.catalog import ModelCatalog, ModelSlot, StaticCatalog, plan_chains
+from radai.domain import (
+    JobRecord,
+    JobSpec,
+    JobState,
+    ShadowRecord,
+    Stage,
+    StudyRecord,
+    StudyState,
+    hashed,
+    job_id_for,
+)
+from radai.errors import EncodingError, InferenceError, NotFoundError, RadaiError
 from radai.models.manifest import ModelCard
-from radai.models.registry import ModelPackage
-from radai.outputs import Output, needed
-from radai.pipeline import algorithm_of, run_pipeline
-from radai.ports import JobStore, PatchInferer, ResultDelivery
+from radai.outputs import Needed, Output, needed
+from radai.pipeline import JobResult, Upstream, algorithm_of, run_pipeline
+from radai.ports import JobStore, ResultDelivery
 from radai.results.gate import problems
 from radai.results.notice import NoticeRequest, build_notice
+from radai.shadow import dice_per_label, findings_agreement
+
+__all__ = ["ModelSlot", "Workflow", "plan_chains"]
 
 log = logging.getLogger(__name__)
 
+# What a run that sends nothing builds: a shadow run, or an upstream model re-run for its mask only.
+NOTHING = Needed(seg_variants=(), sr_variants=(), sc=False, gsps=False, notice=False)
+
 
 @dataclass(frozen=True)
-class ModelSlot:
-    """A served model: its package and the scheduler its patches go through."""
+class _Step:
+    """One model's job in a chain. ``run`` False: its results were already delivered; it runs again only to
+    give its labels to a later model of the chain (nothing of it is stored or sent)."""
 
-    package: ModelPackage
-    inferer: PatchInferer
+    spec: JobSpec
+    slot: ModelSlot
+    run: bool = True
 
 
 class Workflow:
     def __init__(
         self,
-        slots: Mapping[str, ModelSlot],
+        slots: Mapping[str, ModelSlot] | ModelCatalog,
         delivery: ResultDelivery,
         store: JobStore,
         *,
@@ -57,7 +76,7 @@ class Workflow:
         rejected_dir: Path | None = None,
         validate_with_dciodvfy: bool = True,
     ) -> None:
-        self._slots = dict(slots)
+        self._catalog: ModelCatalog = StaticCatalog(slots) if isinstance(slots, Mapping) else slots
         self._delivery = delivery
         self._wanted = needed(delivery.plans.values())
         self._rejected = rejected_dir
@@ -74,37 +93,61 @@ class Workflow:
     def on_study_complete(self, study: Study) -> None:
         """Called by the receiver: create the jobs and hand them to the pool (returns at once).
 
-        A job whose results are already in the outbound queue (delivering or dead-lettered), or delivered with
-        its images since released, is not run again: this is the same study recovered from the spool after a
-        restart. A delivered job whose images are all present again (a re-sent study) runs again; its
-        deterministic result UIDs make the new delivery an overwrite at the PACS.
+        Jobs run on the model versions active now; each holds its version until it ends, so an activation
+        meanwhile switches only later studies. A job whose results are already in the outbound queue
+        (delivering or dead-lettered), or delivered with its images since released, is not run again: this is
+        the same study recovered from the spool after a restart. A delivered job whose images are all present
+        again (a re-sent study) runs again; its deterministic result UIDs make the new delivery an overwrite.
         """
+        slots = self._catalog.lease_active()
+        held = {slot.key for slot in slots}
+        try:
+            for series, steps in self._plan(study, slots):
+                self._pool.submit(self._run_chain, steps, series)
+                for step in steps:
+                    held.discard(step.slot.key)  # released by the chain when it ends
+                    if step.run:
+                        log.info(
+                            "study %s: job %s queued for %s",
+                            hashed(study.study_uid),
+                            step.spec.job_id,
+                            step.spec.model_key,
+                        )
+        finally:
+            for key in held:
+                self._catalog.release(key)
+
+    def _plan(self, study: Study, slots: Sequence[ModelSlot]) -> list[tuple[Series, list[_Step]]]:
         now = self._clock()
         instances = sum(len(s.instances) for s in study.series.values())
-        work: list[tuple[JobSpec, ModelSlot, Series]] = []
+        work: list[tuple[Series, list[_Step]]] = []
         # The lock orders this decision against _settle_study's release of the images (see _already_handled).
         with self._lock:
-            matched = False
-            for slot in self._slots.values():
-                series = select_series(study, slot.package.series_rules())
-                if series is None:
-                    continue
-                matched = True
-                spec = JobSpec(
-                    job_id=job_id_for(study.study_uid, series.series_uid, slot.package.key),
-                    study_uid=study.study_uid,
-                    series_uid=series.series_uid,
-                    model_key=slot.package.key,
-                    first_received=study.first_received,
-                    last_received=study.last_received,
-                    completed_at=now,
-                )
-                if self._already_handled(spec.job_id, series):
-                    log.info("study %s: job %s already has its results", hashed(study.study_uid), spec.job_id)
-                    continue
-                work.append((spec, slot, series))
-            if matched and not work:
-                return
+            chains = plan_chains(study, slots)
+            for series, chain in chains:
+                steps: list[_Step] = []
+                for slot in chain:
+                    spec = JobSpec(
+                        job_id=job_id_for(study.study_uid, series.series_uid, slot.key),
+                        study_uid=study.study_uid,
+                        series_uid=series.series_uid,
+                        model_key=slot.key,
+                        first_received=study.first_received,
+                        last_received=study.last_received,
+                        completed_at=now,
+                    )
+                    handled = self._already_handled(spec.job_id, series)
+                    if handled:
+                        log.info(
+                            "study %s: job %s already has its results", hashed(study.study_uid), spec.job_id
+                        )
+                    steps.append(_Step(spec, slot, run=not handled))
+                while steps and not steps[-1].run:
+                    steps.pop()  # nothing downstream needs it
+                if steps:
+                    work.append((series, steps))
+            if chains and not work:
+                return []
             self._store.upsert_study(
                 StudyRecord(
                     study_uid=study.study_uid,
@@ -130,15 +173,15 @@ class Workflow:
                 )
                 self._store.set_study_state(study.study_uid, StudyState.NO_MATCH)
                 self._release_study(study.study_uid)
-                return
-            for spec, _, _ in work:
-                self._store.add_job(spec)
-                self._stage(spec, Stage.QUEUED, self._clock())
+                return []
+            for _, steps in work:
+                for step in steps:
+                    if step.run:
+                        self._store.add_job(step.spec)
+                        self._stage(step.spec, Stage.QUEUED, self._clock())
             # Every job is in the store before any can finish: the study settles only when all are final.
             self._store.set_study_state(study.study_uid, StudyState.PROCESSING)
-        for spec, slot, series in work:
-            self._pool.submit(self._run_job, spec, slot, series)
-            log.info("study %s: job %s queued for %s", hashed(study.study_uid), spec.job_id, spec.model_key)
+        return work
 
     def _already_handled(self, job_id: str, series: Series) -> bool:
         try:
@@ -157,31 +200,127 @@ class Workflow:
     def _stage(self, spec: JobSpec, stage: Stage, at: float) -> None:
         self._store.mark_stage(spec.job_id, stage, at)
 
-    def _run_job(self, spec: JobSpec, slot: ModelSlot, series: Series) -> bool:
+    def _run_chain(self, steps: Sequence[_Step], series: Series) -> None:
+        """Run a chain's jobs in order on the series' images, read once; a model that consumes another's
+        output gets that output's mask. Every lease is released at the end."""
+        try:
+            datasets: list[Dataset] = []
+            try:
+                datasets = [pydicom.dcmread(h.path) for h in series.instances]
+            except (OSError, ValueError) as exc:
+                for step in steps:
+                    if step.run:
+                        self._fail(
+                            step.spec, step.slot.package.card, f"{type(exc).__name__}: {exc}", datasets
+                        )
+                return
+            labels: dict[str, NDArray[np.uint8]] = {}
+            keys: dict[str, str] = {}
+            for step in steps:
+                card = step.slot.package.card
+                upstream = None
+                if card.consumes is not None:
+                    done = labels.get(card.consumes.model)
+                    if done is None:
+                        if step.run:
+                            reason = f"upstream model {card.consumes.model} gave no result"
+                            self._fail(step.spec, card, reason, datasets)
+                        continue
+                    described = ",".join(str(v) for v in card.consumes.labels)
+                    upstream = Upstream(
+                        mask=np.isin(done, card.consumes.labels),
+                        description=f"restricted to {keys[card.consumes.model]} labels {described}",
+                    )
+                result = self._run_job(step, datasets, upstream)
+                if result is not None:
+                    labels[card.id], keys[card.id] = result.labels, step.slot.key
+                    if step.run:
+                        self._run_shadow(step.spec, card, result, datasets, upstream)
+        finally:
+            for step in steps:
+                self._catalog.release(step.slot.key)
+
+    def _run_job(
+        self, step: _Step, datasets: Sequence[Dataset], upstream: Upstream | None
+    ) -> JobResult | None:
+        spec, slot = step.spec, step.slot
         card = slot.package.card
 
         def mark(stage: Stage) -> None:
-            self._stage(spec, stage, self._clock())
+            if step.run:
+                self._stage(spec, stage, self._clock())
 
-        datasets: list[Dataset] = []
+        wanted = self._wanted if step.run else NOTHING
         try:
-            datasets = [pydicom.dcmread(h.path) for h in series.instances]
-            result = run_pipeline(datasets, card, slot.inferer, spec.job_id, mark, self._wanted)
+            result = run_pipeline(datasets, card, slot.inferer, spec.job_id, mark, wanted, upstream)
+            if not step.run:
+                return result
             self._gate(spec.job_id, result.outputs, result.source)
-            uids = [str(o.dataset.SOPInstanceUID) for o in result.outputs]
+            uids = list(dict.fromkeys(str(o.dataset.SOPInstanceUID) for o in result.outputs))
             self._store.finish_job(spec.job_id, JobState.DELIVERING, outputs=uids)
             self._delivery.submit(spec.job_id, spec.study_uid, result.outputs)
-        except (RadaiError, ValueError, OSError) as exc:
-            return self._fail(spec, card, f"{type(exc).__name__}: {exc}", datasets)
         except Exception as exc:  # a bug must fail the job with a reason, never kill the worker
-            log.exception("job %s crashed", spec.job_id)
-            return self._fail(spec, card, f"internal error: {type(exc).__name__}: {exc}", datasets)
+            expected = isinstance(exc, RadaiError | ValueError | OSError)
+            if not expected:
+                log.exception("job %s crashed", spec.job_id)
+            if step.run:
+                prefix = "" if expected else "internal error: "
+                self._fail(spec, card, f"{prefix}{type(exc).__name__}: {exc}", datasets)
+            return None
         log.info(
             "job %s encoded; queued for %d destination(s)", spec.job_id, len(self._delivery.destinations)
         )
         # Settles at once without destinations (results computed, sent nowhere) or if the queue was quicker.
         self.delivery_settled(spec.job_id)
-        return True
+        return result
+
+    def _run_shadow(
+        self,
+        spec: JobSpec,
+        card: ModelCard,
+        active: JobResult,
+        datasets: Sequence[Dataset],
+        upstream: Upstream | None,
+    ) -> None:
+        """Run the shadow version of the job's model, if one is set, on the same images (after the active
+        results were queued, so it never delays them); record its agreement, send nothing."""
+        slot = self._catalog.lease_shadow(card.id)
+        if slot is None:
+            return
+        shadow_card = slot.package.card
+        version = shadow_card.version
+        try:
+            if shadow_card.task != card.task:
+                raise InferenceError(f"shadow task {shadow_card.task} differs from the active {card.task}")
+            shadow = run_pipeline(
+                datasets,
+                shadow_card,
+                slot.inferer,
+                f"{spec.job_id}:shadow",
+                wanted=NOTHING,
+                upstream=upstream,
+            )
+            if card.task == "detection":
+                agreement = findings_agreement(active.findings, shadow.findings)
+                metrics.SHADOW_AGREEMENT.labels(model=card.id, version=version, label="findings").observe(
+                    agreement["f1"]
+                )
+            else:
+                agreement = dice_per_label(active.labels, shadow.labels, card)
+                for name, dice in agreement.items():
+                    metrics.SHADOW_AGREEMENT.labels(
+                        model=card.id, version=version, label=name.removeprefix("dice:")
+                    ).observe(dice)
+            record = ShadowRecord(spec.job_id, slot.key, "compared", agreement, at=self._clock())
+            log.info("job %s: shadow %s compared: %s", spec.job_id, slot.key, agreement)
+        except Exception as exc:  # a shadow version must never affect the job it shadows
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            log.warning("job %s: shadow %s failed: %s", spec.job_id, slot.key, reason)
+            record = ShadowRecord(spec.job_id, slot.key, "failed", {}, reason, at=self._clock())
+        finally:
+            self._catalog.release(slot.key)
+        metrics.SHADOW_RUNS.labels(model=card.id, version=version, outcome=record.outcome).inc()
+        self._store.record_shadow(record)
 
     def _gate(self, job_id: str, outputs: Sequence[Output], source: Sequence[Dataset]) -> None:
         """The validation gate: raise EncodingError (after keeping the objects for inspection) when any
@@ -206,14 +345,13 @@ class Workflow:
             return ""
         return f"; kept in {folder.name} under the rejected folder"
 
-    def _fail(self, spec: JobSpec, card: ModelCard, reason: str, datasets: Sequence[Dataset]) -> bool:
+    def _fail(self, spec: JobSpec, card: ModelCard, reason: str, datasets: Sequence[Dataset]) -> None:
         reason = reason.splitlines()[0][:500] if reason else "unknown error"
         log.warning("job %s failed: %s", spec.job_id, reason)
         self._store.finish_job(spec.job_id, JobState.FAILED, reason=reason)
         metrics.JOBS.labels(model=card.id, outcome="failed").inc()
         self._notify(spec, card, reason, datasets)
         self._settle_study(spec.study_uid)
-        return False
 
     def _notify(self, spec: JobSpec, card: ModelCard, reason: str, datasets: Sequence[Dataset]) -> None:
         """Send the "AI did not run" notice to the destinations that want it, so silence never reads as

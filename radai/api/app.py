@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -10,32 +10,17 @@ from fastapi import FastAPI, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import radai
+from radai.api.models import ModelAdmin, models_router
 from radai.errors import NotFoundError
 from radai.metrics import REGISTRY
-from radai.models.registry import ModelPackage
 from radai.ports import JobStore
 
 ReadinessCheck = Callable[[], dict[str, bool]]
 
 
-def _model_view(pkg: ModelPackage) -> dict[str, Any]:
-    c = pkg.card
-    return {
-        "id": c.id,
-        "version": c.version,
-        "name": c.name,
-        "task": c.task,
-        "kind": c.kind,
-        "modality": c.modality,
-        "body_part": c.body_part,
-        "labels": [lab.name for lab in c.labels],
-        "intended_use": c.intended_use,
-        "not_for_clinical_use": c.not_for_clinical_use,
-    }
-
-
-def create_api(store: JobStore, models: Sequence[ModelPackage], readiness: ReadinessCheck) -> FastAPI:
+def create_api(store: JobStore, readiness: ReadinessCheck, models: ModelAdmin) -> FastAPI:
     api = FastAPI(title="radai", version=radai.__version__, description="Radiology AI inference server")
+    api.include_router(models_router(models))
 
     @api.get("/livez")
     def livez() -> dict[str, str]:
@@ -53,10 +38,6 @@ def create_api(store: JobStore, models: Sequence[ModelPackage], readiness: Readi
     @api.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-    @api.get("/api/v1/models")
-    def list_models() -> list[dict[str, Any]]:
-        return [_model_view(p) for p in models]
 
     @api.get("/api/v1/studies")
     def list_studies(limit: int = 100) -> list[dict[str, Any]]:

@@ -82,6 +82,19 @@ class DeliveryRecord:
 
 
 @dataclass(frozen=True)
+class ShadowRecord:
+    """A shadow version's run beside a job: its results were not sent, its agreement with the active
+    version's was measured (Dice per label for segmentation; matched findings for detection)."""
+
+    job_id: str  # the active version's job
+    model_key: str  # the shadow version, id@version
+    outcome: str  # "compared" or "failed"
+    agreement: dict[str, float] = field(default_factory=dict)  # e.g. {"dice:Lung": 0.97} or {"f1": 1.0}
+    reason: str = ""
+    at: float = 0.0
+
+
+@dataclass(frozen=True)
 class JobRecord:
     job_id: str
     study_uid: str
@@ -94,6 +107,7 @@ class JobRecord:
     shared_batches: int = 0  # batches that also held patches of other jobs
     outputs: tuple[str, ...] = ()
     deliveries: tuple[DeliveryRecord, ...] = ()
+    shadow: tuple[ShadowRecord, ...] = ()
 
 
 @dataclass(frozen=True)

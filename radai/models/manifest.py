@@ -87,17 +87,85 @@ class InputSpec(BaseModel):
     spacing: tuple[float, float, float]
     orientation: Axcodes
     intensity: QuantileNorm | RangeNorm = Field(discriminator="kind")
-    patch_size: tuple[int, int, int]
+    # Sliding-window patch in voxels, or "whole": the whole resampled volume in one window, padded up to a
+    # multiple of `size_divisor` (for networks that downsample).
+    patch_size: tuple[int, int, int] | Literal["whole"]
+    size_divisor: int = Field(default=1, ge=1, le=256)
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     blend: Literal["gaussian", "constant"] = "gaussian"
     pad_value: float = 0.0
 
 
+class ArgmaxPost(BaseModel):
+    """Segmentation: the label of a voxel is the channel with the highest score (channel 0 = background)."""
+
+    model_config = _STRICT
+    kind: Literal["argmax"]
+
+
+class ThresholdPost(BaseModel):
+    """Segmentation from independent per-class scores: channel c (c >= 1) is label c where its probability
+    (after `activation`) reaches `threshold`; where several do, the most probable wins; else background."""
+
+    model_config = _STRICT
+    kind: Literal["threshold"]
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    activation: Literal["sigmoid", "none"] = "sigmoid"
+
+
+class CentersPost(BaseModel):
+    """Detection with dense maps (anchor-free, one box per centre): channels 0..C-1 are centre-heatmap logits
+    of label values 1..C, the last 3 channels the box size in mm along the model axes X', Y', Z'. Decoding:
+    sigmoid, local maxima over a `peak_window` cube at or above `score_threshold`, a box of the predicted size
+    at each peak, non-maximum suppression at `nms_iou`, the `max_findings` most probable kept."""
+
+    model_config = _STRICT
+    kind: Literal["centers"]
+    score_threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    nms_iou: float = Field(default=0.1, ge=0.0, le=1.0)
+    max_findings: int = Field(default=20, ge=1, le=1000)
+    peak_window: int = Field(default=3, ge=1, le=31)
+
+    @field_validator("peak_window")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("peak_window must be odd")
+        return v
+
+
+class ComponentsSpec(BaseModel):
+    """Connected-component clean-up of a label map, per label (26-connectivity)."""
+
+    model_config = _STRICT
+    min_voxels: int = Field(default=0, ge=0)  # components smaller than this (source voxels) become background
+    largest_only: bool = False  # keep only the largest component of each label
+
+
+Postprocess = Annotated[ArgmaxPost | ThresholdPost | CentersPost, Field(discriminator="kind")]
+
+
 class OutputSpec(BaseModel):
     model_config = _STRICT
     name: str
-    channels: int = Field(ge=2)  # class scores including background (channel 0)
-    postprocess: Literal["argmax"] = "argmax"
+    channels: int = Field(ge=2)  # class scores including background (channel 0), or detection maps
+    postprocess: Postprocess = ArgmaxPost(kind="argmax")
+    components: ComponentsSpec | None = None
+
+    @field_validator("postprocess", mode="before")
+    @classmethod
+    def _short_form(cls, v: object) -> object:
+        return {"kind": v} if isinstance(v, str) else v  # `postprocess: argmax` is short for {kind: argmax}
+
+
+class ConsumesSpec(BaseModel):
+    """This model runs after model `model` on the same series; `restrict`: its labels (segmentation) or
+    findings' centres (detection) outside the union of that model's `labels` become background / are dropped."""
+
+    model_config = _STRICT
+    model: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    labels: list[int] = Field(min_length=1)
+    mode: Literal["restrict"] = "restrict"
 
 
 class Label(BaseModel):
@@ -137,7 +205,7 @@ class ModelCard(BaseModel):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     version: str = Field(pattern=r"^[0-9]+\.[0-9]+\.[0-9]+$")
     name: str
-    task: Literal["segmentation"]
+    task: Literal["segmentation", "detection"]
     kind: Literal["published-weights", "classical-algorithm", "trained-demo"]
     modality: str
     body_part: str
@@ -147,6 +215,7 @@ class ModelCard(BaseModel):
     labels: list[Label] = Field(min_length=1)
     runtime: RuntimeSpec
     reference: ReferenceSpec
+    consumes: ConsumesSpec | None = None
     intended_use: str
     not_for_clinical_use: Literal[True]
     licence: str
@@ -157,10 +226,23 @@ class ModelCard(BaseModel):
         values = [lab.value for lab in self.labels]
         if len(set(values)) != len(values):
             raise ValueError("labels: duplicate value")
-        if max(values) >= self.output.channels:
+        detection = isinstance(self.output.postprocess, CentersPost)
+        if (self.task == "detection") != detection:
+            raise ValueError("output.postprocess: detection models use `centers`, segmentation models do not")
+        if detection:
+            if sorted(values) != list(range(1, len(values) + 1)):
+                raise ValueError("labels: detection label values must be 1..C (C heatmap channels)")
+            if self.output.channels != len(values) + 3:
+                raise ValueError(
+                    f"output.channels: a `centers` detector with {len(values)} labels has "
+                    f"{len(values) + 3} channels (heatmaps + 3 sizes), not {self.output.channels}"
+                )
+        elif max(values) >= self.output.channels:
             raise ValueError(
                 f"labels: value {max(values)} has no output channel (channels={self.output.channels})"
             )
+        if self.consumes is not None and self.consumes.model == self.id:
+            raise ValueError("consumes: a model cannot consume its own output")
         return self
 
     @property

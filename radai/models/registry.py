@@ -101,10 +101,32 @@ def discover(search_paths: Sequence[Path], enabled: Sequence[str] = ()) -> list[
             if enabled and pkg.card.id not in enabled:
                 continue
             current = found.get(pkg.card.id)
-            if current is None or _version(pkg.card.version) > _version(current.card.version):
+            if current is None or version_key(pkg.card.version) > version_key(current.card.version):
                 found[pkg.card.id] = pkg
     return [found[k] for k in sorted(found)]
 
 
-def _version(v: str) -> tuple[int, ...]:
+def version_key(v: str) -> tuple[int, ...]:
+    """A semantic version as a sortable tuple."""
     return tuple(int(p) for p in v.split("."))
+
+
+def validate_package(directory: Path, make_runner: RunnerFactory) -> tuple[ModelPackage, float]:
+    """Every registration check, cheapest first: nothing that could execute code on load (ONNX only), the
+    card's schema, its files and the weights' checksum, the ONNX graph against the card, and a test inference
+    on the reference input within the card's tolerance. Returns the package and the reference difference."""
+    from radai.models.unsafe import find_unsafe_files
+    from radai.models.checks import check_onnx
+
+    unsafe = find_unsafe_files(directory)
+    if unsafe:
+        raise ModelPackageError(
+            f"{directory.name}: refused, files that could execute code when loaded (ONNX only): "
+            + ", ".join(unsafe[:5])
+            + (f" (+{len(unsafe) - 5} more)" if len(unsafe) > 5 else "")
+        )
+    package = open_package(directory)
+    if package.card.runtime.backend != "onnx":
+        raise ModelPackageError(f"{package.key}: runtime.backend must be onnx to register a package")
+    check_onnx(package.weights, package.card)
+    return package, reference_check(package, make_runner)

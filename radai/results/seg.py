@@ -74,6 +74,9 @@ class Algorithm:
     model_id: str
     version: str
     name: str
+    # Other models' outputs this result was computed from, e.g. "mask of lung-mask@1.0.0 labels 2"
+    # (multi-model pipelines); written as algorithm parameters in the SEG and SR.
+    inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -246,7 +249,8 @@ def _description(number: int, spec: SegmentSpec, req: SegRequest) -> hd.seg.Segm
         family=codes.DCM.ArtificialIntelligence,
         version=algo.version,
         source=MANUFACTURER,
-        parameters={_LABEL_PARAMETER: str(spec.value)},
+        parameters={_LABEL_PARAMETER: str(spec.value)}
+        | ({"input": "; ".join(algo.inputs)[:_LO_MAX]} if algo.inputs else {}),
     )
     return hd.seg.SegmentDescription(
         segment_number=number,

@@ -292,6 +292,7 @@ def algorithm_identification(algo: Algorithm) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(
         name=algo.model_id,
         version=algo.version,
+        parameters=list(algo.inputs) or None,
         family=codes.DCM.ArtificialIntelligence,
         manufacturer=MANUFACTURER,
     )

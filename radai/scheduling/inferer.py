@@ -26,6 +26,15 @@ def _as_predictor(predict: Predict) -> Callable[[torch.Tensor], torch.Tensor]:
     return predictor
 
 
+def window_size(shape: tuple[int, ...], spec: InputSpec) -> tuple[int, ...]:
+    """The card's patch, or for `whole` the volume itself rounded up to a multiple of `size_divisor` (MONAI
+    pads a volume smaller than the window with `pad_value` and crops the scores back)."""
+    if spec.patch_size != "whole":
+        return spec.patch_size
+    d = spec.size_divisor
+    return tuple(-(-int(n) // d) * d for n in shape)
+
+
 def sliding_window(
     image: NDArray[np.float32],
     spec: InputSpec,
@@ -45,7 +54,7 @@ def sliding_window(
     with torch.inference_mode():
         out = sliding_window_inference(
             volume,
-            roi_size=spec.patch_size,
+            roi_size=window_size(image.shape[1:], spec),
             sw_batch_size=sw_batch_size,
             predictor=_as_predictor(predict),
             overlap=spec.overlap,

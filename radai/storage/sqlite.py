@@ -16,6 +16,7 @@ from radai.domain import (
     JobRecord,
     JobSpec,
     JobState,
+    ShadowRecord,
     Stage,
     StudyRecord,
     StudyState,
@@ -61,6 +62,15 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS deliveries_by_study ON deliveries(study_uid);
+CREATE TABLE IF NOT EXISTS shadow_runs (
+    job_id TEXT NOT NULL,
+    model_key TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    agreement TEXT NOT NULL DEFAULT '{}',
+    reason TEXT NOT NULL DEFAULT '',
+    at REAL NOT NULL,
+    PRIMARY KEY (job_id, model_key)
+);
 CREATE TABLE IF NOT EXISTS study_spool (
     study_uid TEXT PRIMARY KEY,
     paths TEXT NOT NULL
@@ -148,6 +158,36 @@ class SqliteJobStore(SqliteDatabase):
                 [(shared, j) for j in set(job_ids)],
             )
 
+    def record_shadow(self, record: ShadowRecord) -> None:
+        """One row per (job, shadow version); a re-run replaces it."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO shadow_runs (job_id, model_key, outcome, agreement, reason, at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    record.job_id,
+                    record.model_key,
+                    record.outcome,
+                    json.dumps(record.agreement),
+                    record.reason,
+                    record.at,
+                ),
+            )
+
+    def _shadow(self, job_id: str) -> tuple[ShadowRecord, ...]:
+        rows = self._db.execute("SELECT * FROM shadow_runs WHERE job_id=? ORDER BY model_key", (job_id,))
+        return tuple(
+            ShadowRecord(
+                job_id=r["job_id"],
+                model_key=r["model_key"],
+                outcome=r["outcome"],
+                agreement=json.loads(r["agreement"]),
+                reason=r["reason"],
+                at=r["at"],
+            )
+            for r in rows.fetchall()
+        )
+
     def _jobs(self, study_uid: str) -> tuple[JobRecord, ...]:
         rows = self._db.execute("SELECT * FROM jobs WHERE study_uid=? ORDER BY model_key", (study_uid,))
         return tuple(
@@ -163,6 +203,7 @@ class SqliteJobStore(SqliteDatabase):
                 shared_batches=r["shared_batches"],
                 outputs=tuple(json.loads(r["outputs"])),
                 deliveries=self._deliveries(r["job_id"]),
+                shadow=self._shadow(r["job_id"]),
             )
             for r in rows.fetchall()
         )

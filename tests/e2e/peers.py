@@ -65,6 +65,7 @@ def radai_serve(
     *,
     dicom_port: int | None = None,
     destinations: list[dict[str, object]] | None = None,
+    extra: dict[str, dict[str, object]] | None = None,
 ) -> Iterator[RadaiServer]:
     """`radai serve -c radai.yaml` in a subprocess with the minimal administrator's config file; the
     destination is `pacs` unless `destinations` are given."""
@@ -82,6 +83,9 @@ def radai_serve(
     }
     if quiet_seconds is not None:  # None: the embedded default
         config["completion"] = {"study_quiet_seconds": quiet_seconds}
+    for section, values in (extra or {}).items():  # more settings, merged per section
+        current = config.get(section)
+        config[section] = {**current, **values} if isinstance(current, dict) else values
     cfg = tmp / "radai.yaml"
     cfg.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}

@@ -7,17 +7,19 @@ from pathlib import Path
 from fastapi.testclient import TestClient
 
 from radai.api.app import create_api
-from radai.config import bundled_models_dir
+from radai.app import RegistryAdmin
+from radai.config import Settings, bundled_models_dir
 from radai.domain import JobSpec, StudyRecord, StudyState
-from radai.models.registry import discover
+from radai.storage.model_store import ModelStore
 from radai.storage.sqlite import SqliteJobStore
 
 
 def client(tmp_path: Path, ready: bool = True) -> tuple[TestClient, SqliteJobStore]:
     store = SqliteJobStore(tmp_path / "db.sqlite")
     zoo = bundled_models_dir()
-    models = discover([zoo]) if zoo else []
-    api = create_api(store, models, lambda: {"database": store.ping(), "models_loaded": ready})
+    registry = ModelStore(tmp_path / "models", [zoo] if zoo else [])
+    admin = RegistryAdmin(registry, None, Settings())
+    api = create_api(store, lambda: {"database": store.ping(), "models_loaded": ready}, admin)
     return TestClient(api), store
 
 

@@ -1,0 +1,94 @@
+"""Which model versions the workflow may start jobs on, held for as long as a job needs them.
+
+A `ModelCatalog` hands out *leases*: the slot of a model version stays loaded until every job holding it
+has released it, so switching the active version (radai.hosting) never fails a job in flight; the old
+version is unloaded after its last job. `StaticCatalog` serves a fixed set (tests, embedding).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from dicom_router.assembler import Series, Study
+from dicom_router.selection import select_series
+from radai.models.registry import ModelPackage
+from radai.ports import PatchInferer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSlot:
+    """A served model version: its package and the scheduler its patches go through."""
+
+    package: ModelPackage
+    inferer: PatchInferer
+
+    @property
+    def key(self) -> str:
+        return self.package.key
+
+
+class ModelCatalog(Protocol):
+    def lease_active(self) -> list[ModelSlot]:
+        """The active version of every model, each held until `release(slot.key)`."""
+        ...
+
+    def lease_shadow(self, model_id: str) -> ModelSlot | None:
+        """The version running in shadow of `model_id`, held until released; None if there is none."""
+        ...
+
+    def release(self, key: str) -> None: ...
+
+
+class StaticCatalog:
+    """A fixed set of active (and optionally shadow) slots; leases are no-ops."""
+
+    def __init__(
+        self, active: Mapping[str, ModelSlot], shadow: Mapping[str, ModelSlot] | None = None
+    ) -> None:
+        self._active = list(active.values())
+        self._shadow = dict(shadow or {})  # model id -> slot
+
+    def lease_active(self) -> list[ModelSlot]:
+        return list(self._active)
+
+    def lease_shadow(self, model_id: str) -> ModelSlot | None:
+        return self._shadow.get(model_id)
+
+    def release(self, key: str) -> None:
+        return None
+
+
+def plan_chains(study: Study, slots: Sequence[ModelSlot]) -> list[tuple[Series, list[ModelSlot]]]:
+    """Group the models that accept a series of the study into chains, upstream model first: a model that
+    consumes another's output joins that model's chain when it accepts the same series; one whose upstream
+    is not active or chose another series does not run (logged)."""
+    chains: dict[str, tuple[Series, list[ModelSlot]]] = {}  # model id -> its chain
+    for slot in slots:
+        if slot.package.card.consumes is None:
+            series = select_series(study, slot.package.series_rules())
+            if series is not None:
+                chains[slot.package.card.id] = (series, [slot])
+    pending = [s for s in slots if s.package.card.consumes is not None]
+    while pending:
+        progressed = False
+        for slot in list(pending):
+            consumes = slot.package.card.consumes
+            if consumes is None or consumes.model not in chains:
+                continue
+            pending.remove(slot)
+            progressed = True
+            series, chain = chains[consumes.model]
+            if select_series(study, slot.package.series_rules()) is series:
+                chain.append(slot)
+                chains[slot.package.card.id] = (series, chain)
+        if not progressed:
+            break
+    for slot in pending:
+        log.info("model %s: its upstream model did not run on this study", slot.key)
+    unique = {id(chain): (series, chain) for series, chain in chains.values()}
+    return list(unique.values())

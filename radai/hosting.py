@@ -1,0 +1,208 @@
+"""Keeps the registry's active and shadow model versions loaded in a running server, and switches them
+without a restart.
+
+`ModelHost` implements the workflow's `ModelCatalog`. `reconcile()` (called every `models.poll_seconds`, and
+at once after a write through the HTTP API) loads what the registry now selects — each new version passes its
+reference check and gets its runner and batching scheduler *before* it is published — then publishes the new
+selection: from then on new jobs start on it. A version no longer selected is unloaded when the last job
+holding a lease on it has finished, so in-flight jobs complete on the version they started with.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from radai import metrics
+from radai.catalog import ModelSlot
+from radai.errors import ConfigError, ModelPackageError, RadaiError
+from radai.models.registry import ModelPackage, RunnerFactory, reference_check
+from radai.ports import ModelRunner
+from radai.scheduling.loop import BatchRecord, Scheduler
+from radai.storage.model_store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Loaded:
+    slot: ModelSlot
+    scheduler: Scheduler
+    runner: ModelRunner
+    leases: int = 0
+    selected: bool = True
+
+
+@dataclass(frozen=True)
+class HostOptions:
+    max_wait_s: float = 0.05
+    poll_s: float = 2.0
+    on_batch: Callable[[BatchRecord], None] | None = None
+
+
+@dataclass
+class _Published:
+    active: dict[str, str] = field(default_factory=dict)  # model id -> key
+    shadow: dict[str, str] = field(default_factory=dict)
+
+
+class ModelHost:
+    def __init__(self, store: ModelStore, make_runner: RunnerFactory, options: HostOptions) -> None:
+        self._store = store
+        self._make_runner = make_runner
+        self._options = options
+        self._lock = threading.Lock()
+        self._loaded: dict[str, _Loaded] = {}
+        self._published = _Published()
+        self._failed: set[str] = set()  # versions that failed to load: not retried until a restart
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the catalog the workflow uses ---------------------------------------------------------------------
+
+    def lease_active(self) -> list[ModelSlot]:
+        with self._lock:
+            held = [self._loaded[key] for key in self._published.active.values()]
+            for loaded in held:
+                loaded.leases += 1
+            return [loaded.slot for loaded in held]
+
+    def lease_shadow(self, model_id: str) -> ModelSlot | None:
+        with self._lock:
+            key = self._published.shadow.get(model_id)
+            if key is None:
+                return None
+            loaded = self._loaded[key]
+            loaded.leases += 1
+            return loaded.slot
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            loaded = self._loaded.get(key)
+            if loaded is None:
+                return
+            loaded.leases -= 1
+            retire = loaded.leases <= 0 and not loaded.selected
+            if retire:
+                del self._loaded[key]
+        if retire:
+            self._unload(loaded)
+
+    # -- what is served ------------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> list[ModelPackage]:
+        with self._lock:
+            return [self._loaded[k].slot.package for k in sorted(self._published.active.values())]
+
+    @property
+    def shadow(self) -> list[ModelPackage]:
+        with self._lock:
+            return [self._loaded[k].slot.package for k in sorted(self._published.shadow.values())]
+
+    @property
+    def loaded(self) -> dict[str, int]:
+        """Every loaded version and how many jobs hold it (old versions stay until their jobs end)."""
+        with self._lock:
+            return {key: loaded.leases for key, loaded in sorted(self._loaded.items())}
+
+    def _load(self, package: ModelPackage) -> _Loaded:
+        card = package.card
+        try:
+            reference_check(package, self._make_runner)
+            runner = self._make_runner(card.runtime.backend, package.weights, card.output.channels)
+        except (ModelPackageError, RadaiError) as exc:
+            raise ModelPackageError(f"model {package.key} failed validation: {exc}") from exc
+        scheduler = Scheduler(
+            card.id,  # metrics label: the model id (bounded), as for every other per-model metric
+            runner,
+            card.runtime.max_batch,
+            self._options.max_wait_s,
+            on_batch=self._options.on_batch,
+        )
+        scheduler.start()
+        providers = getattr(runner, "providers", None)
+        where = ", ".join(providers) if isinstance(providers, list) else type(runner).__name__
+        log.info("model %s loaded (%s, %s)", package.key, card.runtime.backend, where)
+        return _Loaded(ModelSlot(package, scheduler), scheduler, runner)
+
+    @staticmethod
+    def _unload(loaded: _Loaded) -> None:
+        loaded.scheduler.stop()
+        loaded.runner.close()
+        log.info("model %s unloaded", loaded.slot.key)
+
+    def reconcile(self) -> bool:
+        """Load and publish what the registry selects now; returns whether the served set changed."""
+        selection = self._store.selection()
+        wanted = [*selection.active.values(), *selection.shadow.values()]
+        with self._lock:
+            missing = [p for p in wanted if p.key not in self._loaded and p.key not in self._failed]
+        fresh: dict[str, _Loaded] = {}
+        for package in missing:  # loaded outside the lock: jobs keep leasing the published versions meanwhile
+            try:
+                fresh[package.key] = self._load(package)
+            except RadaiError as exc:
+                log.error("%s; keeping the versions served now", exc)
+                self._failed.add(package.key)
+        retired: list[_Loaded] = []
+        with self._lock:
+            self._loaded.update(fresh)
+            published = _Published()
+            for model_id, package in selection.active.items():
+                if package.key in self._loaded:
+                    published.active[model_id] = package.key
+                elif model_id in self._published.active:  # the new version failed: keep serving the old one
+                    published.active[model_id] = self._published.active[model_id]
+            for model_id, package in selection.shadow.items():
+                if package.key in self._loaded:
+                    published.shadow[model_id] = package.key
+            changed = published != self._published
+            self._published = published
+            keep = set(published.active.values()) | set(published.shadow.values())
+            for key, loaded in list(self._loaded.items()):
+                loaded.selected = key in keep
+                if not loaded.selected and loaded.leases <= 0:
+                    retired.append(self._loaded.pop(key))
+        for loaded in retired:
+            self._unload(loaded)
+        if changed:
+            metrics.MODEL_ACTIVATIONS.inc()
+            log.info(
+                "serving models: %s%s",
+                ", ".join(sorted(published.active.values())) or "none",
+                f"; in shadow: {', '.join(sorted(published.shadow.values()))}" if published.shadow else "",
+            )
+        return changed
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the selected versions (refusing to start when none loads), then poll the registry."""
+        self.reconcile()
+        if not self._published.active:
+            raise ConfigError(
+                "no valid model package could be loaded (registry "
+                f"{self._store.root}; see the log for each package's problem)"
+            )
+        self._thread = threading.Thread(target=self._poll, name="radai-model-host", daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._options.poll_s):
+            try:
+                self.reconcile()
+            except Exception:  # the registry is shared with the CLI: never let a bad state kill the poller
+                log.exception("model registry poll failed")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._lock:
+            loaded, self._loaded = list(self._loaded.values()), {}
+            self._published = _Published()
+        for item in loaded:
+            self._unload(item)
