@@ -16,7 +16,9 @@ from numpy.typing import NDArray
 
 from dicom_router.selection import SeriesRule
 from radai.errors import ModelPackageError
+from radai.models.checks import check_onnx
 from radai.models.manifest import ModelCard, check_package_files, load_card
+from radai.models.unsafe import find_unsafe_files
 from radai.ports import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -115,9 +117,6 @@ def validate_package(directory: Path, make_runner: RunnerFactory) -> tuple[Model
     """Every registration check, cheapest first: nothing that could execute code on load (ONNX only), the
     card's schema, its files and the weights' checksum, the ONNX graph against the card, and a test inference
     on the reference input within the card's tolerance. Returns the package and the reference difference."""
-    from radai.models.unsafe import find_unsafe_files
-    from radai.models.checks import check_onnx
-
     unsafe = find_unsafe_files(directory)
     if unsafe:
         raise ModelPackageError(

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radai.app import make_validator
+from radai.app import make_runner_factory, make_validator
 from radai.errors import ModelPackageError, NotFoundError
 from radai.models.archive import extract_package
-from radai.models.registry import validate_package
+from radai.models.registry import RunnerFactory, validate_package
 from radai.storage.model_store import ModelStore
 from tests.radai.model_packages import edit_card, rehash, threshold_graph, threshold_package
 from tests.radai.test_cli import radai_cli
@@ -124,7 +124,7 @@ def test_a_graph_with_a_fixed_batch_of_one_is_refused_for_a_card_batching_two(tm
     pkg = threshold_package(tmp_path / "p")
     (pkg / "model.onnx").write_bytes(threshold_graph([0.2], batch=1))
     rehash(pkg)
-    with pytest.raises(ModelPackageError, match="batch axis is fixed at 1, below runtime.max_batch 2"):
+    with pytest.raises(ModelPackageError, match=r"batch axis is fixed at 1, below runtime\.max_batch 2"):
         validate_package(pkg, make_runner_factory_cpu())
 
 
@@ -172,9 +172,7 @@ def test_an_archive_entry_that_leaves_the_target_folder_is_refused(tmp_path: Pat
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "unpacked").exists()
 
 
-def make_runner_factory_cpu():  # type: ignore[no-untyped-def]
-    from radai.app import make_runner_factory
-
+def make_runner_factory_cpu() -> RunnerFactory:
     return make_runner_factory("cpu")
 
 
