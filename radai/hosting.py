@@ -54,6 +54,7 @@ class ModelHost:
         self._make_runner = make_runner
         self._options = options
         self._lock = threading.Lock()
+        self._reconciling = threading.Lock()  # the poller and an HTTP write may reconcile at the same time
         self._loaded: dict[str, _Loaded] = {}
         self._published = _Published()
         self._failed: set[str] = set()  # versions that failed to load: not retried until a restart
@@ -136,6 +137,10 @@ class ModelHost:
 
     def reconcile(self) -> bool:
         """Load and publish what the registry selects now; returns whether the served set changed."""
+        with self._reconciling:
+            return self._reconcile()
+
+    def _reconcile(self) -> bool:
         selection = self._store.selection()
         wanted = [*selection.active.values(), *selection.shadow.values()]
         with self._lock:
