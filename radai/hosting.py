@@ -161,6 +161,8 @@ class ModelHost:
                     published.active[model_id] = package.key
                 elif model_id in self._published.active:  # the new version failed: keep serving the old one
                     published.active[model_id] = self._published.active[model_id]
+            for model_id in selection.broken & set(self._published.active):
+                published.active[model_id] = self._published.active[model_id]  # keep the loaded copy
             for model_id, package in selection.shadow.items():
                 if package.key in self._loaded:
                     published.shadow[model_id] = package.key

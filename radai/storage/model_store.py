@@ -56,6 +56,9 @@ class Selection:
 
     active: dict[str, ModelPackage] = field(default_factory=dict)
     shadow: dict[str, ModelPackage] = field(default_factory=dict)
+    # Models whose pinned active version no longer opens (files changed on disk): a server keeps serving
+    # the copy it has loaded rather than switch to another version nobody activated.
+    broken: frozenset[str] = frozenset()
 
     @property
     def keys(self) -> tuple[frozenset[str], frozenset[str]]:
@@ -162,13 +165,17 @@ class ModelStore:
         disabled_state = state.get("disabled")
         disabled = set(disabled_state) if isinstance(disabled_state, list) else set()
         selection = Selection()
+        broken: set[str] = set()
         for model_id, versions in by_id.items():
             if model_id in disabled:
                 continue
             pinned = active_state.get(model_id) if isinstance(active_state, dict) else None
+            if isinstance(pinned, str) and pinned not in versions:
+                log.error("model %s: the active version %s is missing or invalid", model_id, pinned)
+                broken.add(model_id)
+                continue
             newest = max(versions, key=version_key)
-            active = versions.get(pinned, None) if isinstance(pinned, str) else None
-            selection.active[model_id] = active or versions[newest]
+            selection.active[model_id] = versions[pinned] if isinstance(pinned, str) else versions[newest]
             shadow = shadow_state.get(model_id) if isinstance(shadow_state, dict) else None
             if (
                 isinstance(shadow, str)
@@ -176,7 +183,7 @@ class ModelStore:
                 and versions[shadow] is not selection.active[model_id]
             ):
                 selection.shadow[model_id] = versions[shadow]
-        return selection
+        return Selection(selection.active, selection.shadow, frozenset(broken))
 
     def find(self, ref: str) -> Entry:
         """The entry for `ID@VERSION`, or the active version for `ID`."""
