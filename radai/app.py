@@ -169,6 +169,7 @@ class Server:
             HostOptions(
                 max_wait_s=settings.scheduler.max_wait_seconds,
                 poll_s=settings.models.poll_seconds,
+                aging_s=settings.scheduler.aging_seconds,
                 on_batch=self._on_batch,
             ),
         )
@@ -194,6 +195,7 @@ class Server:
             workers=settings.scheduler.job_workers,
             release_instances=self._release,
             rejected_dir=settings.storage.data_dir / "rejected",
+            priorities=settings.scheduler.priorities,
         )
         self.delivery.add_listener(self.workflow.delivery_settled)
         self.receiver = Receiver(

@@ -8,12 +8,18 @@ version is unloaded after its last job. `StaticCatalog` serves a fixed set (test
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
+from numpy.typing import NDArray
+
 from dicom_router.assembler import Series, Study
 from dicom_router.selection import select_series
+from radai.config import PriorityRule
+from radai.domain import Priority
 from radai.models.registry import ModelPackage
 from radai.ports import PatchInferer
 
@@ -92,3 +98,31 @@ def plan_chains(study: Study, slots: Sequence[ModelSlot]) -> list[tuple[Series, 
         log.info("model %s: its upstream model did not run on this study", slot.key)
     unique = {id(chain): (series, chain) for series, chain in chains.values()}
     return list(unique.values())
+
+
+def priority_for(rules: Sequence[PriorityRule], study: Study, series: Series) -> Priority:
+    """The lane of a job on `series` of `study`: the first rule whose given fields all hold, else routine."""
+    for rule in rules:
+        if rule.calling_ae is not None and rule.calling_ae.strip() != study.calling_ae.strip():
+            continue
+        if rule.modality and series.modality not in rule.modality:
+            continue
+        if rule.series_description is not None and not re.search(
+            rule.series_description, series.description, re.IGNORECASE
+        ):
+            continue
+        return Priority(rule.priority)
+    return Priority.ROUTINE
+
+
+class Lane:
+    """A PatchInferer that submits every patch of a job in the job's lane."""
+
+    def __init__(self, inner: PatchInferer, priority: Priority) -> None:
+        self._inner, self._priority = inner, priority
+
+    def infer(
+        self, job_id: str, patches: NDArray[np.float32], priority: Priority = Priority.ROUTINE
+    ) -> NDArray[np.float32]:
+        best = min(priority, self._priority, key=lambda p: p.rank)
+        return self._inner.infer(job_id, patches, best)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import ipaddress
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -306,9 +307,32 @@ class ModelsSettings(BaseModel):
         return [bundled] if bundled else []
 
 
+class PriorityRule(BaseModel):
+    """Studies matching every given field get `priority` (the first matching rule wins; default routine)."""
+
+    model_config = _SECTION
+    priority: Literal["stat", "routine", "background"]
+    calling_ae: str | None = Field(default=None, pattern=_AE)  # the sending AE title, exactly
+    modality: list[str] = Field(default_factory=list)  # of the series the job runs on
+    series_description: str | None = None  # regex, searched case-insensitively
+
+    @field_validator("series_description")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from exc
+        return value
+
+
 class SchedulerSettings(BaseModel):
     model_config = _SECTION
     max_wait_seconds: float = Field(default=0.05, ge=0.0, le=10.0)
+    # A waiting job moves up one lane (background -> routine -> stat) per this many seconds.
+    aging_seconds: float = Field(default=30.0, gt=0.0, le=86400.0)
+    priorities: list[PriorityRule] = Field(default_factory=list)
     job_workers: int = Field(default=4, ge=1, le=64)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
 

@@ -39,6 +39,7 @@ class _Loaded:
 class HostOptions:
     max_wait_s: float = 0.05
     poll_s: float = 2.0
+    aging_s: float = 30.0
     on_batch: Callable[[BatchRecord], None] | None = None
 
 
@@ -122,6 +123,7 @@ class ModelHost:
             card.runtime.max_batch,
             self._options.max_wait_s,
             on_batch=self._options.on_batch,
+            aging_s=self._options.aging_s,
         )
         scheduler.start()
         providers = getattr(runner, "providers", None)

@@ -16,6 +16,7 @@ from radai.domain import (
     JobRecord,
     JobSpec,
     JobState,
+    Priority,
     ShadowRecord,
     Stage,
     StudyRecord,
@@ -117,7 +118,9 @@ class DeliveryQueue(Protocol):
 class PatchInferer(Protocol):
     """Runs patches of one job through a model's batching scheduler (blocking the calling job thread)."""
 
-    def infer(self, job_id: str, patches: NDArray[np.float32]) -> NDArray[np.float32]: ...
+    def infer(
+        self, job_id: str, patches: NDArray[np.float32], priority: Priority = Priority.ROUTINE
+    ) -> NDArray[np.float32]: ...
 
 
 class ResultDelivery(Protocol):

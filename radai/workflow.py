@@ -24,7 +24,8 @@ from pydicom import Dataset
 
 from dicom_router.assembler import Series, Study
 from radai import metrics
-from radai.catalog import ModelCatalog, ModelSlot, StaticCatalog, plan_chains
+from radai.catalog import Lane, ModelCatalog, ModelSlot, StaticCatalog, plan_chains, priority_for
+from radai.config import PriorityRule
 from radai.domain import (
     JobRecord,
     JobSpec,
@@ -75,8 +76,10 @@ class Workflow:
         clock: Callable[[], float] = time.time,
         rejected_dir: Path | None = None,
         validate_with_dciodvfy: bool = True,
+        priorities: Sequence[PriorityRule] = (),
     ) -> None:
         self._catalog: ModelCatalog = StaticCatalog(slots) if isinstance(slots, Mapping) else slots
+        self._priorities = list(priorities)
         self._delivery = delivery
         self._wanted = needed(delivery.plans.values())
         self._rejected = rejected_dir
@@ -135,6 +138,7 @@ class Workflow:
                         first_received=study.first_received,
                         last_received=study.last_received,
                         completed_at=now,
+                        priority=priority_for(self._priorities, study, series),
                     )
                     handled = self._already_handled(spec.job_id, series)
                     if handled:
@@ -252,7 +256,8 @@ class Workflow:
 
         wanted = self._wanted if step.run else NOTHING
         try:
-            result = run_pipeline(datasets, card, slot.inferer, spec.job_id, mark, wanted, upstream)
+            inferer = Lane(slot.inferer, spec.priority)
+            result = run_pipeline(datasets, card, inferer, spec.job_id, mark, wanted, upstream)
             if not step.run:
                 return result
             self._gate(spec.job_id, result.outputs, result.source)

@@ -18,6 +18,19 @@ class Stage(StrEnum):
     DELIVERED = "delivered"
 
 
+class Priority(StrEnum):
+    """Scheduling lane of a study's jobs: STAT patches go into the next batch; routine and background patches
+    are promoted one lane per `scheduler.aging_seconds` of waiting, so none starves."""
+
+    STAT = "stat"
+    ROUTINE = "routine"
+    BACKGROUND = "background"
+
+    @property
+    def rank(self) -> int:
+        return ("stat", "routine", "background").index(self.value)
+
+
 class JobState(StrEnum):
     QUEUED = "queued"
     RUNNING = "running"
@@ -64,6 +77,7 @@ class JobSpec:
     first_received: float
     last_received: float
     completed_at: float
+    priority: Priority = Priority.ROUTINE
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from radai import metrics
+from radai.domain import Priority
 from radai.errors import InferenceError
 from radai.ports import ModelRunner
 from radai.scheduling.policy import Batch, BatchPolicy, PatchRef
@@ -102,10 +103,11 @@ class Scheduler:
         max_wait_s: float,
         on_batch: Callable[[BatchRecord], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        aging_s: float = 30.0,
     ) -> None:
         self.model = model
         self._runner = runner
-        self._policy = BatchPolicy(max_batch, max_wait_s)
+        self._policy = BatchPolicy(max_batch, max_wait_s, aging_s)
         self._on_batch = on_batch
         self._clock = clock
         self._cond = threading.Condition()
@@ -172,7 +174,9 @@ class Scheduler:
             call.fail(f"job {job_id} cancelled", None)
         return len(refs)
 
-    def infer(self, job_id: str, patches: NDArray[np.float32]) -> NDArray[np.float32]:
+    def infer(
+        self, job_id: str, patches: NDArray[np.float32], priority: Priority = Priority.ROUTINE
+    ) -> NDArray[np.float32]:
         """Score `patches` (n, C, *patch) -> (n, K, *patch), blocking until every patch has run.
 
         The patches may be split over several batches and share them with other jobs' patches.
@@ -190,7 +194,7 @@ class Scheduler:
                 ref = PatchRef(job_id, self._next_index)
                 self._next_index += 1
                 self._pending[ref] = (call, row, batch[row])
-                self._policy.submit(ref, now)
+                self._policy.submit(ref, now, priority)
             self._m_depth.set(self._policy.depth)
             self._cond.notify_all()
         return call.wait()

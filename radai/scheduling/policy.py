@@ -6,16 +6,23 @@ vLLM's scheduler), so a list of `(time, event)` pairs drives it in tests.
 
 Rules:
 - a batch closes as soon as `max_batch` patches are queued, or once the oldest queued patch has waited
-  `max_wait_s` (the wait is bounded from the first queued patch, not reset by later arrivals);
-- patches are taken round-robin across jobs, starting in order of each job's first arrival and rotating
-  from one batch to the next, so a large study never starves a small one and concurrent jobs share batches;
-- within one job, first in, first out.
+  `max_wait_s` (the wait is bounded from the first queued patch, not reset by later arrivals); a STAT patch
+  does not wait at all: the next batch closes as soon as one is queued;
+- each job has a priority lane (STAT, routine, background). Patches are taken lane by lane, the best lane
+  first; a job's lane improves by one for every `aging_s` its oldest queued patch has waited, so background
+  work is never starved by a steady stream of routine studies;
+- within a lane, patches are taken round-robin across jobs, starting in order of each job's first arrival and
+  rotating from one batch to the next, so a large study never starves a small one and concurrent jobs share
+  batches; within one job, first in, first out.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass
+
+from radai.domain import Priority
 
 
 @dataclass(frozen=True)
@@ -43,18 +50,23 @@ class Batch:
 
 
 class BatchPolicy:
-    """Per-model queue of patch references that closes batches by size or by the oldest patch's wait."""
+    """Per-model queue of patch references that closes batches by size, by the oldest patch's wait, or at once
+    for STAT patches, and fills them lane by lane with aging."""
 
-    def __init__(self, max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, max_batch: int, max_wait_s: float, aging_s: float = 30.0) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         if not max_wait_s >= 0.0:  # also refuses NaN
             raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+        if not aging_s > 0.0:
+            raise ValueError(f"aging_s must be > 0, got {aging_s}")
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
-        # Rotation order of the jobs with queued patches: the front job gives the next patch, then moves to
-        # the back. A job enters at the back when its first patch arrives and leaves when it has none queued.
+        self._aging_s = aging_s
+        # Rotation order of the jobs with queued patches: a served job moves to the back. A job enters at the
+        # back when its first patch arrives and leaves when it has none queued.
         self._queues: OrderedDict[str, deque[tuple[PatchRef, float]]] = OrderedDict()
+        self._lanes: dict[str, Priority] = {}
         self._depth = 0
 
     @property
@@ -70,13 +82,26 @@ class BatchPolicy:
         """Patches queued and not yet handed out in a batch."""
         return self._depth
 
-    def submit(self, ref: PatchRef, now: float) -> None:
-        """Queue one patch that arrived at time `now`."""
+    def submit(self, ref: PatchRef, now: float, priority: Priority = Priority.ROUTINE) -> None:
+        """Queue one patch that arrived at time `now`; a job keeps the lane its first queued patch gave it,
+        unless a later patch asks for a better one."""
         queue = self._queues.get(ref.job_id)
         if queue is None:
             queue = self._queues[ref.job_id] = deque()
+            self._lanes[ref.job_id] = priority
+        elif priority.rank < self._lanes[ref.job_id].rank:
+            self._lanes[ref.job_id] = priority
         queue.append((ref, now))
         self._depth += 1
+
+    def lane(self, job_id: str, now: float) -> int:
+        """The job's effective lane at `now` (0 = STAT): its own, improved by one per `aging_s` of waiting."""
+        queue = self._queues.get(job_id)
+        base = self._lanes.get(job_id, Priority.ROUTINE).rank
+        if not queue:
+            return base
+        waited = max(now - queue[0][1], 0.0)
+        return max(base - math.floor(waited / self._aging_s), 0)
 
     def oldest_enqueued_at(self) -> float | None:
         """Enqueue time of the oldest queued patch (the front of some job's FIFO), None if empty."""
@@ -85,9 +110,14 @@ class BatchPolicy:
         return min(queue[0][1] for queue in self._queues.values())
 
     def deadline(self) -> float | None:
-        """When `next_batch` closes a partial batch (oldest enqueue + max_wait); None if nothing is queued."""
-        oldest = self.oldest_enqueued_at()
-        return None if oldest is None else oldest + self._max_wait_s
+        """When `next_batch` closes a partial batch: the earliest of each job's oldest patch + max_wait (+ 0
+        for a STAT job); None if nothing is queued."""
+        if not self._queues:
+            return None
+        return min(
+            queue[0][1] + (0.0 if self._lanes[job] is Priority.STAT else self._max_wait_s)
+            for job, queue in self._queues.items()
+        )
 
     def ready(self, now: float) -> bool:
         """Whether `next_batch(now)` would return a batch."""
@@ -101,19 +131,30 @@ class BatchPolicy:
         if not self.ready(now):
             return None
         taken: list[tuple[PatchRef, float]] = []
-        while len(taken) < self._max_batch and self._queues:
-            job_id, queue = next(iter(self._queues.items()))
-            taken.append(queue.popleft())
-            if queue:
-                self._queues.move_to_end(job_id)
-            else:
-                del self._queues[job_id]
+        by_lane: dict[int, list[str]] = {}
+        for job in self._queues:  # rotation order
+            by_lane.setdefault(self.lane(job, now), []).append(job)
+        for lane in sorted(by_lane):
+            jobs = deque(by_lane[lane])
+            while jobs and len(taken) < self._max_batch:
+                job = jobs.popleft()
+                queue = self._queues[job]
+                taken.append(queue.popleft())
+                if queue:
+                    jobs.append(job)
+                    self._queues.move_to_end(job)
+                else:
+                    del self._queues[job]
+                    del self._lanes[job]
+            if len(taken) >= self._max_batch:
+                break
         self._depth -= len(taken)
         return Batch(items=tuple(ref for ref, _ in taken), oldest_enqueued_at=min(t for _, t in taken))
 
     def cancel(self, job_id: str) -> list[PatchRef]:
         """Drop every queued patch of a job; return them in their queue order."""
         queue = self._queues.pop(job_id, None)
+        self._lanes.pop(job_id, None)
         if queue is None:
             return []
         self._depth -= len(queue)
