@@ -170,6 +170,7 @@ class Server:
                 max_wait_s=settings.scheduler.max_wait_seconds,
                 poll_s=settings.models.poll_seconds,
                 aging_s=settings.scheduler.aging_seconds,
+                timeout_s=settings.scheduler.inference_timeout_seconds,
                 on_batch=self._on_batch,
             ),
         )

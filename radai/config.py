@@ -332,6 +332,8 @@ class SchedulerSettings(BaseModel):
     max_wait_seconds: float = Field(default=0.05, ge=0.0, le=10.0)
     # A waiting job moves up one lane (background -> routine -> stat) per this many seconds.
     aging_seconds: float = Field(default=30.0, gt=0.0, le=86400.0)
+    # A batch not back from the runtime in this time fails its jobs; the scheduler goes on serving.
+    inference_timeout_seconds: float = Field(default=600.0, gt=0.0, le=86400.0)
     priorities: list[PriorityRule] = Field(default_factory=list)
     job_workers: int = Field(default=4, ge=1, le=64)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")

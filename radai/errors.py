@@ -23,6 +23,14 @@ class InferenceError(RadaiError):
     """A model failed to run or returned something unusable."""
 
 
+class OutOfMemoryError(InferenceError):
+    """The device ran out of memory for a batch (the scheduler splits the batch and retries)."""
+
+
+class InferenceTimeoutError(InferenceError):
+    """A batch did not come back within `scheduler.inference_timeout_seconds`."""
+
+
 class EncodingError(RadaiError):
     """A result object could not be built or failed validation."""
 

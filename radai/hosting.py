@@ -40,6 +40,7 @@ class HostOptions:
     max_wait_s: float = 0.05
     poll_s: float = 2.0
     aging_s: float = 30.0
+    timeout_s: float | None = None
     on_batch: Callable[[BatchRecord], None] | None = None
 
 
@@ -124,6 +125,7 @@ class ModelHost:
             self._options.max_wait_s,
             on_batch=self._options.on_batch,
             aging_s=self._options.aging_s,
+            timeout_s=self._options.timeout_s,
         )
         scheduler.start()
         providers = getattr(runner, "providers", None)

@@ -13,6 +13,8 @@ import time
 import numpy as np
 from numpy.typing import NDArray
 
+from radai.errors import OutOfMemoryError
+
 
 class FakeRunner:
     """Implements radai.ports.ModelRunner without a model file."""
@@ -23,13 +25,20 @@ class FakeRunner:
         *,
         delay_s: float = 0.0,
         poison: float | None = None,
+        memory_patches: int | None = None,
+        hang_on: float | None = None,
     ) -> None:
-        """`delay_s` sleeps in every run (a slow GPU); a batch containing the value `poison` raises."""
+        """`delay_s` sleeps in every run (a slow GPU); a batch containing the value `poison` raises; a batch
+        of more than `memory_patches` patches raises OutOfMemoryError (a small GPU); a batch containing the
+        value `hang_on` never returns until `release()` (a hung device)."""
         if output_channels < 1:
             raise ValueError(f"output_channels must be >= 1, got {output_channels}")
         self.output_channels = output_channels
         self.delay_s = delay_s
         self.poison = poison
+        self.memory_patches = memory_patches
+        self.hang_on = hang_on
+        self._released = threading.Event()
         self.calls: list[int] = []  # batch size of every run, in call order
         self.closed = False
         self._lock = threading.Lock()
@@ -54,7 +63,16 @@ class FakeRunner:
             time.sleep(self.delay_s)
         if self.poison is not None and bool(np.any(batch == self.poison)):
             raise RuntimeError("fake runner: poisoned input")
+        if self.memory_patches is not None and batch.shape[0] > self.memory_patches:
+            raise OutOfMemoryError(f"fake runner: {batch.shape[0]} patches do not fit in device memory")
+        if self.hang_on is not None and bool(np.any(batch == self.hang_on)):
+            self._released.wait()
+            raise RuntimeError("fake runner: released after hanging")
         return self.expected(batch)
+
+    def release(self) -> None:
+        """Let hung calls return (with an error)."""
+        self._released.set()
 
     def close(self) -> None:
         self.closed = True

@@ -9,10 +9,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from radai.errors import InferenceError
+from radai.errors import InferenceError, OutOfMemoryError
 
 log = logging.getLogger(__name__)
 
+# How onnxruntime reports an allocation failure (its exceptions carry no type for it).
+_OOM_SIGNS = ("Failed to allocate memory", "out of memory", "CUDA_ERROR_OUT_OF_MEMORY", "bad_alloc")
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 
@@ -107,6 +109,9 @@ class OnnxRunner:
         try:
             out = self._session.run([self.output_name], feed)[0]
         except Exception as exc:  # translate onnxruntime's errors at the adapter boundary
+            message = str(exc)
+            if any(sign in message for sign in _OOM_SIGNS):
+                raise OutOfMemoryError(f"onnxruntime ran out of memory on {self._name}: {message}") from exc
             raise InferenceError(f"onnxruntime failed on {self._name}: {exc}") from exc
         return np.asarray(out, dtype=np.float32)
 

@@ -18,7 +18,7 @@ from numpy.typing import NDArray
 
 from radai import metrics
 from radai.domain import Priority
-from radai.errors import InferenceError
+from radai.errors import InferenceError, InferenceTimeoutError, OutOfMemoryError
 from radai.ports import ModelRunner
 from radai.scheduling.policy import Batch, BatchPolicy, PatchRef
 
@@ -104,10 +104,12 @@ class Scheduler:
         on_batch: Callable[[BatchRecord], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         aging_s: float = 30.0,
+        timeout_s: float | None = None,
     ) -> None:
         self.model = model
         self._runner = runner
         self._policy = BatchPolicy(max_batch, max_wait_s, aging_s)
+        self._timeout_s = timeout_s
         self._on_batch = on_batch
         self._clock = clock
         self._cond = threading.Condition()
@@ -240,7 +242,7 @@ class Scheduler:
         started = self._clock()
         scores: NDArray[np.float32] | None = None
         try:
-            scores = self._check_shape(self._runner.run(x), x.shape)
+            scores = self._infer(x)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, InferenceError) else f"{type(exc).__name__}: {exc}"
             log.warning(
@@ -267,6 +269,51 @@ class Scheduler:
                 self._on_batch(record)
             except Exception:
                 log.exception("model %s: on_batch callback failed", self.model)
+
+    def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Run a batch; on out-of-memory split it in halves (recursively) and cap later batches at the size
+        that fits, so one too-large batch costs a retry, not the jobs in it."""
+        try:
+            return self._check_shape(self._call_runner(x), x.shape)
+        except OutOfMemoryError:
+            n = int(x.shape[0])
+            if n == 1:
+                raise
+            half = n // 2
+            self._policy.limit(half)
+            log.warning(
+                "model %s: out of memory at batch %d; splitting it and capping batches at %d",
+                self.model,
+                n,
+                self._policy.max_batch,
+            )
+            return np.concatenate([self._infer(x[:half]), self._infer(x[half:])])
+
+    def _call_runner(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """`runner.run(x)`, given up after `timeout_s`: the call runs on its own daemon thread, so a hung
+        device fails its batch's jobs and the worker goes on with the next batch."""
+        if self._timeout_s is None:
+            return self._runner.run(x)
+        box: list[NDArray[np.float32] | BaseException] = []
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                box.append(self._runner.run(x))
+            except BaseException as exc:
+                box.append(exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=call, name=f"radai-run-{self.model}", daemon=True).start()
+        if not done.wait(self._timeout_s):
+            raise InferenceTimeoutError(
+                f"model {self.model}: batch of {x.shape[0]} did not return within {self._timeout_s:g} s"
+            )
+        (result,) = box
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def _check_shape(self, out: NDArray[np.float32], in_shape: tuple[int, ...]) -> NDArray[np.float32]:
         scores = np.asarray(out, dtype=np.float32)

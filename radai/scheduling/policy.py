@@ -73,6 +73,10 @@ class BatchPolicy:
     def max_batch(self) -> int:
         return self._max_batch
 
+    def limit(self, max_batch: int) -> None:
+        """Lower the batch size from now on (e.g. after the device ran out of memory); never below 1."""
+        self._max_batch = max(1, min(self._max_batch, max_batch))
+
     @property
     def max_wait_s(self) -> float:
         return self._max_wait_s

@@ -1,0 +1,91 @@
+"""Faults of the model runtime, with the fake backend: out of memory splits the batch and retries, a hung
+inference times out, and in each case other jobs are unaffected and the worker keeps serving."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from radai.errors import InferenceError, InferenceTimeoutError
+from radai.runtime.fake import FakeRunner
+from radai.scheduling.loop import Scheduler
+from tests.radai.test_scheduling_loop import JOIN_S, Job, patches, wait_until
+
+
+def test_out_of_memory_splits_the_batch_retries_and_caps_later_batches() -> None:
+    runner = FakeRunner(2, memory_patches=2)
+    scheduler = Scheduler("m", runner, max_batch=8, max_wait_s=0.05)
+    scheduler.start()
+    try:
+        a = Job(scheduler, "a", patches(8, 1))
+        a.start()
+        a.finish()
+        assert a.error is None and a.result is not None
+        np.testing.assert_array_equal(a.result, runner.expected(patches(8, 1)))
+        assert runner.calls == [8, 4, 2, 2, 4, 2, 2]
+        runner.calls.clear()
+        b = Job(scheduler, "b", patches(6, 2))
+        b.start()
+        b.finish()
+        assert b.error is None and max(runner.calls) <= 2  # later batches stay within what fitted
+    finally:
+        scheduler.stop(timeout_s=1.0)
+
+
+def test_a_single_patch_that_does_not_fit_fails_its_job_with_the_reason() -> None:
+    runner = FakeRunner(2, memory_patches=0)
+    scheduler = Scheduler("m", runner, max_batch=4, max_wait_s=0.01)
+    scheduler.start()
+    try:
+        job = Job(scheduler, "a", patches(1, 1))
+        job.start()
+        job.finish()
+        assert isinstance(job.error, InferenceError) and "do not fit in device memory" in str(job.error)
+    finally:
+        scheduler.stop(timeout_s=1.0)
+
+
+def test_a_hung_inference_times_out_fails_only_its_job_and_the_worker_serves_the_next() -> None:
+    runner = FakeRunner(2, hang_on=0.777)
+    scheduler = Scheduler("m", runner, max_batch=2, max_wait_s=0.0, timeout_s=0.5)
+    scheduler.start()
+    try:
+        hung = patches(2, 1)
+        hung[0, 0, 0, 0, 0] = 0.777
+        a = Job(scheduler, "a", hung)
+        a.start()
+        wait_until(lambda: len(runner.calls) == 1)  # a's batch is on the "device"
+        b = Job(scheduler, "b", patches(2, 2))
+        b.start()
+        a.finish()
+        b.finish()
+        assert isinstance(a.error, InferenceError) and "did not return within 0.5 s" in str(a.error)
+        assert isinstance(a.error.__cause__, InferenceTimeoutError)
+        assert b.error is None and b.result is not None
+        np.testing.assert_array_equal(b.result, runner.expected(patches(2, 2)))
+    finally:
+        runner.release()
+        scheduler.stop(timeout_s=1.0)
+
+
+@pytest.mark.parametrize("workers", [3])
+def test_concurrent_jobs_all_resolve_while_batches_run_out_of_memory(workers: int) -> None:
+    runner = FakeRunner(2, memory_patches=3, delay_s=0.001)
+    scheduler = Scheduler("m", runner, max_batch=8, max_wait_s=0.02)
+    scheduler.start()
+    try:
+        jobs = [Job(scheduler, f"j{i}", patches(5, i)) for i in range(workers)]
+        for job in jobs:
+            job.start()
+        deadline = time.monotonic() + JOIN_S
+        for job in jobs:
+            job.join(max(deadline - time.monotonic(), 0.1))
+        for i, job in enumerate(jobs):
+            assert job.error is None, job.error
+            np.testing.assert_array_equal(job.result, runner.expected(patches(5, i)))
+        assert threading.active_count() < 50
+    finally:
+        scheduler.stop(timeout_s=1.0)
