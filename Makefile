@@ -11,6 +11,10 @@ $(BIN)/radai: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# constraints.txt pins torch to the CPU build available locally; CUDA machines may drop it.
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# The `torch` runtime backend converts ONNX packages with onnx2torch. Its declared torchvision dependency
+	# (only for two detection ops radai refuses anyway) resolves to a CUDA build that cannot load beside the
+	# CPU torch, so it is installed without dependencies here; GPU machines use `pip install '.[torch]'`.
+	$(BIN)/pip install -q --no-deps 'onnx2torch==1.5.15'
 	touch $(BIN)/radai
 
 setup: $(BIN)/radai

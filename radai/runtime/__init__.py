@@ -22,12 +22,19 @@ def _fake(model_path: Path, output_channels: int | None, device: str) -> ModelRu
     return FakeRunner(output_channels if output_channels is not None else 2)
 
 
+def _torch(model_path: Path, output_channels: int | None, device: str) -> ModelRunner:
+    from radai.runtime.torch_backend import TorchRunner
+
+    return TorchRunner(model_path, device=device, output_channels=output_channels)
+
+
 _Factory = Callable[[Path, "int | None", str], ModelRunner]
 
 # name -> (factory, third-party package the backend needs, or None)
 _BACKENDS: dict[str, tuple[_Factory, str | None]] = {
     "onnx": (_onnx, "onnxruntime"),
     "fake": (_fake, None),
+    "torch": (_torch, "onnx2torch"),
 }
 
 

@@ -111,13 +111,13 @@ def test_missing_onnxruntime_fails_at_creation_not_mid_job(
 
 
 def test_unknown_backend_error_names_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(InferenceError, match=r"unknown runtime backend 'tensorrt' \(known: fake, onnx\)"):
+    with pytest.raises(InferenceError, match=r"unknown runtime backend 'tensorrt' \(known: fake, onnx, torch\)"):
         create_runner("tensorrt", tmp_path / "m.onnx")
 
 
 def test_available_backends_lists_installed_ones() -> None:
-    assert known_backends() == ["fake", "onnx"]
-    assert available_backends() == ["fake", "onnx"]  # onnxruntime is a dependency
+    assert known_backends() == ["fake", "onnx", "torch"]
+    assert available_backends() == ["fake", "onnx", "torch"]  # onnxruntime is a dependency
 
 
 def test_fake_backend_needs_no_model_file_and_is_deterministic(tmp_path: Path) -> None:
