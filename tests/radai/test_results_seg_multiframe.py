@@ -378,7 +378,9 @@ def _two_instances(ds: Dataset) -> list[Dataset]:
 class _NeverCalled:
     """A PatchInferer for runs that must be refused before inference."""
 
-    def infer(self, job_id: str, patches: NDArray[np.float32], priority: object = None) -> NDArray[np.float32]:
+    def infer(
+        self, job_id: str, patches: NDArray[np.float32], priority: object = None
+    ) -> NDArray[np.float32]:
         raise AssertionError("inference ran for a source that cannot be encoded")
 
 

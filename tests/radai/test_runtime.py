@@ -111,7 +111,9 @@ def test_missing_onnxruntime_fails_at_creation_not_mid_job(
 
 
 def test_unknown_backend_error_names_the_known_ones(tmp_path: Path) -> None:
-    with pytest.raises(InferenceError, match=r"unknown runtime backend 'tensorrt' \(known: fake, onnx, torch\)"):
+    with pytest.raises(
+        InferenceError, match=r"unknown runtime backend 'tensorrt' \(known: fake, onnx, torch\)"
+    ):
         create_runner("tensorrt", tmp_path / "m.onnx")
 
 
