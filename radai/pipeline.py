@@ -65,12 +65,31 @@ def segments_of(card: ModelCard) -> list[SegmentSpec]:
     ]
 
 
+# A STAT job hands the scheduler many windows per call (up to this much host memory for their patches and
+# scores), so they queue together and fill the next batches instead of each call waiting behind a batch.
+STAT_WINDOW_BYTES = 1 << 30
+
+
+def window_batch(card: ModelCard, urgent: bool) -> int:
+    """Windows per call to the scheduler: the card's batch, or for an urgent job as many as fit in
+    STAT_WINDOW_BYTES (at most 64)."""
+    if not urgent:
+        return card.runtime.max_batch
+    patch = card.input.patch_size
+    voxels = 256**3 if patch == "whole" else int(np.prod(patch))
+    per_window = voxels * (card.input.channels + card.output.channels) * 4
+    return max(card.runtime.max_batch, min(64, STAT_WINDOW_BYTES // per_window))
+
+
 def _model_scores(
-    volume: Volume, card: ModelCard, inferer: PatchInferer, job_id: str
+    volume: Volume, card: ModelCard, inferer: PatchInferer, job_id: str, urgent: bool = False
 ) -> tuple[NDArray[np.float32], Prepared]:
     prepared = prepare(volume, card.input)
     scores = sliding_window(
-        prepared.image, card.input, lambda p: inferer.infer(job_id, p), sw_batch_size=card.runtime.max_batch
+        prepared.image,
+        card.input,
+        lambda p: inferer.infer(job_id, p),
+        sw_batch_size=window_batch(card, urgent),
     )
     if scores.shape[0] != card.output.channels:
         raise InferenceError(f"model returned {scores.shape[0]} channels, card says {card.output.channels}")
@@ -83,10 +102,11 @@ def infer_labels(
     inferer: PatchInferer,
     job_id: str,
     mask: NDArray[np.bool_] | None = None,
+    urgent: bool = False,
 ) -> NDArray[np.uint8]:
     """Model space, batched sliding window, back to the source grid, the card's postprocessing (argmax or
     thresholds, connected components), restricted to ``mask``: labels shaped like the volume."""
-    scores, prepared = _model_scores(volume, card, inferer, job_id)
+    scores, prepared = _model_scores(volume, card, inferer, job_id, urgent)
     labels = to_labels(to_source_grid(scores, prepared), card.output)
     return labels if mask is None else restrict(labels, mask)
 
@@ -104,13 +124,14 @@ def infer_findings(
     inferer: PatchInferer,
     job_id: str,
     mask: NDArray[np.bool_] | None = None,
+    urgent: bool = False,
 ) -> list[DetectionFinding]:
     """A detector's findings in patient coordinates: dense maps in model space, decoded there (peaks, boxes,
     NMS), each box's corners mapped to LPS. With ``mask``, findings whose centre falls outside are dropped."""
     post = card.output.postprocess
     if not isinstance(post, CentersPost):
         raise InferenceError(f"{card.key}: not a detection model")
-    scores, prepared = _model_scores(volume, card, inferer, job_id)
+    scores, prepared = _model_scores(volume, card, inferer, job_id, urgent)
     spacing = tuple(float(v) for v in np.linalg.norm(prepared.affine[:3, :3], axis=0))
     detections = decode_centers(scores, post, (spacing[0], spacing[1], spacing[2]))
     by_value = {lab.value: lab for lab in card.labels}
@@ -269,6 +290,7 @@ def run_pipeline(
     mark: Callable[[Stage], None] = lambda _s: None,
     wanted: Needed | None = None,
     upstream: Upstream | None = None,
+    urgent: bool = False,
 ) -> JobResult:
     """Everything between 'queued' and 'encoded' for one job, on datasets already read."""
     volume = build_volume(datasets)
@@ -283,7 +305,7 @@ def run_pipeline(
     mask = None if upstream is None else upstream.mask
     inputs = () if upstream is None else (upstream.description,)
     if card.task == "detection":
-        findings = infer_findings(volume, card, inferer, job_id, mask)
+        findings = infer_findings(volume, card, inferer, job_id, mask, urgent)
         mark(Stage.INFERRED)
         wanted = wanted if wanted is not None else needed([])
         outputs: list[Output] = []
@@ -296,7 +318,7 @@ def run_pipeline(
         mark(Stage.ENCODED)
         empty = np.zeros(volume.array.shape, dtype=np.uint8)
         return JobResult(job_id, tuple(outputs), empty, volume, tuple(source), tuple(findings))
-    labels = infer_labels(volume, card, inferer, job_id, mask)
+    labels = infer_labels(volume, card, inferer, job_id, mask, urgent)
     mark(Stage.INFERRED)
     outputs = encode_results(source, volume, labels, card, wanted, inputs)
     mark(Stage.ENCODED)

@@ -30,6 +30,7 @@ from radai.domain import (
     JobRecord,
     JobSpec,
     JobState,
+    Priority,
     ShadowRecord,
     Stage,
     StudyRecord,
@@ -257,7 +258,8 @@ class Workflow:
         wanted = self._wanted if step.run else NOTHING
         try:
             inferer = Lane(slot.inferer, spec.priority)
-            result = run_pipeline(datasets, card, inferer, spec.job_id, mark, wanted, upstream)
+            urgent = spec.priority is Priority.STAT
+            result = run_pipeline(datasets, card, inferer, spec.job_id, mark, wanted, upstream, urgent)
             if not step.run:
                 return result
             self._gate(spec.job_id, result.outputs, result.source)

@@ -56,7 +56,7 @@ def _normalise(img: torch.Tensor, norm: QuantileNorm | RangeNorm) -> NDArray[np.
     if norm.to_uint8_first:  # brainchop feeds min-max scaled 0..255 volumes to its quantile step
         img = torch.as_tensor(ScaleIntensity(minv=0.0, maxv=255.0)(img))
     quantiles = ScaleIntensityRangePercentiles(
-        lower=100.0 * norm.lower, upper=100.0 * norm.upper, b_min=0.0, b_max=1.0, clip=True
+        lower=100.0 * norm.lower, upper=100.0 * norm.upper, b_min=0.0, b_max=1.0, clip=norm.clip
     )
     return _numpy(quantiles(img))
 

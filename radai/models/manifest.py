@@ -59,13 +59,15 @@ class SeriesRuleCard(BaseModel):
 
 
 class QuantileNorm(BaseModel):
-    """brainchop-style: optional min-max to 0..255, then (x - q_lower) / (q_upper - q_lower) clipped to 0..1."""
+    """brainchop-style: optional min-max to 0..255, then (x - q_lower) / (q_upper - q_lower), clipped to 0..1
+    unless `clip` is false."""
 
     model_config = _STRICT
     kind: Literal["quantile"]
     lower: float = Field(ge=0.0, le=1.0)
     upper: float = Field(ge=0.0, le=1.0)
     to_uint8_first: bool = True
+    clip: bool = True
 
 
 class RangeNorm(BaseModel):
