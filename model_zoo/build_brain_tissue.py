@@ -63,12 +63,14 @@ def conform_sample(path: Path) -> tuple[NDArray[np.float32], NDArray[np.float64]
 
 
 def normalise(volume: NDArray[np.float32], norm: QuantileNorm = INTENSITY) -> NDArray[np.float32]:
-    """The card's intensity step: min-max to 0..255, then (x - q_lower) / (q_upper - q_lower) clipped to 0..1."""
+    """The card's intensity step: min-max to 0..255, then (x - q_lower) / (q_upper - q_lower), clipped to 0..1
+    when the card says so."""
     x = volume.astype(np.float64)
     if norm.to_uint8_first:
         x = (x - x.min()) / max(float(x.max() - x.min()), 1e-12) * 255.0
     lo, hi = np.quantile(x, [norm.lower, norm.upper])
-    out: NDArray[np.float32] = np.clip((x - lo) / max(float(hi - lo), 1e-12), 0.0, 1.0).astype(np.float32)
+    scaled = (x - lo) / max(float(hi - lo), 1e-12)
+    out: NDArray[np.float32] = (np.clip(scaled, 0.0, 1.0) if norm.clip else scaled).astype(np.float32)
     return out
 
 
