@@ -24,7 +24,7 @@ from radai.hosting import HostOptions, ModelHost
 from radai.models.archive import ArchiveLimits, extract_package
 from radai.models.registry import ModelPackage, RunnerFactory, validate_package
 from radai.ports import ModelRunner, ResultSender
-from radai.runtime import create_runner
+from radai.runtime import RUNTIME_OPTIONS, create_runner
 from radai.scheduling.loop import BatchRecord
 from radai.senders import DicomSender, router_tls
 from radai.storage.model_store import Entry, ModelStore
@@ -161,6 +161,8 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        RUNTIME_OPTIONS.tensorrt_cache = settings.storage.data_dir / "tensorrt"
+        RUNTIME_OPTIONS.tensorrt_fp16 = settings.scheduler.tensorrt_fp16
         self.store = SqliteJobStore(settings.storage.database)
         self.registry = model_store(settings)
         self.host = ModelHost(

@@ -334,6 +334,9 @@ class SchedulerSettings(BaseModel):
     aging_seconds: float = Field(default=30.0, gt=0.0, le=86400.0)
     # A batch not back from the runtime in this time fails its jobs; the scheduler goes on serving.
     inference_timeout_seconds: float = Field(default=600.0, gt=0.0, le=86400.0)
+    # Backend `tensorrt`: build fp16 engines (faster, slightly different scores). Engines are cached under
+    # <data_dir>/tensorrt.
+    tensorrt_fp16: bool = False
     priorities: list[PriorityRule] = Field(default_factory=list)
     job_workers: int = Field(default=4, ge=1, le=64)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")

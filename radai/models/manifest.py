@@ -189,7 +189,7 @@ class Label(BaseModel):
 class RuntimeSpec(BaseModel):
     model_config = _STRICT
     # The runtime that runs the ONNX file: ONNX Runtime, or PyTorch (the graph converted at load).
-    backend: Literal["onnx", "torch", "fake"] = "onnx"
+    backend: Literal["onnx", "tensorrt", "torch", "fake"] = "onnx"
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     max_batch: int = Field(default=4, ge=1)

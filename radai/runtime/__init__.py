@@ -4,16 +4,35 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from radai.errors import InferenceError
 from radai.ports import ModelRunner
 
 
+@dataclass
+class RuntimeOptions:
+    """Process-wide backend options, set once at start-up from the settings (`scheduler.*`)."""
+
+    tensorrt_cache: Path = Path("radai-data/tensorrt")  # TensorRT engines, built once per model and shape
+    tensorrt_fp16: bool = False
+
+
+RUNTIME_OPTIONS = RuntimeOptions()
+
+
 def _onnx(model_path: Path, output_channels: int | None, device: str) -> ModelRunner:
     from radai.runtime.onnx import OnnxRunner
 
     return OnnxRunner(model_path, device=device, output_channels=output_channels)
+
+
+def _tensorrt(model_path: Path, output_channels: int | None, device: str) -> ModelRunner:
+    from radai.runtime.onnx import OnnxRunner, TensorrtOptions
+
+    options = TensorrtOptions(cache_dir=RUNTIME_OPTIONS.tensorrt_cache, fp16=RUNTIME_OPTIONS.tensorrt_fp16)
+    return OnnxRunner(model_path, device=device, output_channels=output_channels, tensorrt=options)
 
 
 def _fake(model_path: Path, output_channels: int | None, device: str) -> ModelRunner:
@@ -33,6 +52,8 @@ _Factory = Callable[[Path, "int | None", str], ModelRunner]
 # name -> (factory, third-party package the backend needs, or None)
 _BACKENDS: dict[str, tuple[_Factory, str | None]] = {
     "onnx": (_onnx, "onnxruntime"),
+    # ONNX Runtime with its TensorRT execution provider (onnxruntime-gpu); engines cached on disk.
+    "tensorrt": (_tensorrt, "onnxruntime"),
     "fake": (_fake, None),
     "torch": (_torch, "onnx2torch"),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ log = logging.getLogger(__name__)
 
 # How onnxruntime reports an allocation failure (its exceptions carry no type for it).
 _OOM_SIGNS = ("Failed to allocate memory", "out of memory", "CUDA_ERROR_OUT_OF_MEMORY", "bad_alloc")
+_TRT = "TensorrtExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 _CPU = "CPUExecutionProvider"
 
@@ -39,9 +41,34 @@ def parse_device(device: str) -> tuple[str, int]:
     raise InferenceError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
-def choose_providers(available: list[str], device: str) -> list[str | tuple[str, dict[str, Any]]]:
-    """Execution providers in priority order for `device`, given those onnxruntime offers."""
+@dataclass(frozen=True)
+class TensorrtOptions:
+    """ONNX Runtime's TensorRT execution provider: engines built once per model and shape, cached on disk."""
+
+    cache_dir: Path
+    fp16: bool = False
+
+
+def choose_providers(
+    available: list[str], device: str, tensorrt: TensorrtOptions | None = None
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """Execution providers in priority order for `device`, given those onnxruntime offers; with `tensorrt`,
+    TensorRT first (CUDA and CPU behind it for the nodes TensorRT does not take)."""
     kind, index = parse_device(device)
+    if tensorrt is not None:
+        if kind == "cpu" or _TRT not in available:
+            raise InferenceError(
+                f"backend 'tensorrt' needs onnxruntime-gpu with {_TRT} and a CUDA device "
+                f"(device {device!r}; available: {', '.join(available)})"
+            )
+        options = {
+            "device_id": index,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(tensorrt.cache_dir),
+            "trt_timing_cache_enable": True,
+            "trt_fp16_enable": tensorrt.fp16,
+        }
+        return [(_TRT, options), (_CUDA, {"device_id": index}), _CPU]
     if kind == "cpu":
         return [_CPU]
     if _CUDA in available:
@@ -64,12 +91,15 @@ class OnnxRunner:
         device: str = "auto",
         output_channels: int | None = None,
         intra_op_threads: int = 0,
+        tensorrt: TensorrtOptions | None = None,
     ) -> None:
         """Load the model; every problem (missing package, file, provider, bad graph) raises here."""
         ort = _import_ort()
         if not model_path.is_file():
             raise InferenceError(f"ONNX model file not found: {model_path.name}")
-        providers = choose_providers(list(ort.get_available_providers()), device)
+        if tensorrt is not None:
+            tensorrt.cache_dir.mkdir(parents=True, exist_ok=True)
+        providers = choose_providers(list(ort.get_available_providers()), device, tensorrt)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = intra_op_threads  # 0: onnxruntime's default (one per physical core)
@@ -79,6 +109,8 @@ class OnnxRunner:
         except Exception as exc:  # onnxruntime raises its own untyped exceptions
             raise InferenceError(f"cannot load ONNX model {model_path.name}: {exc}") from exc
         self.providers: list[str] = list(session.get_providers())
+        if tensorrt is not None and _TRT not in self.providers:
+            raise InferenceError(f"backend 'tensorrt' requested but onnxruntime could not start {_TRT}")
         if parse_device(device)[0] == "cuda" and _CUDA not in self.providers:
             raise InferenceError(f"device {device!r} requested but onnxruntime could not start {_CUDA}")
         inputs, outputs = session.get_inputs(), session.get_outputs()

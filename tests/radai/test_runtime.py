@@ -13,8 +13,9 @@ from onnx import TensorProto, helper, numpy_helper
 from radai.errors import InferenceError
 from radai.runtime import available_backends, create_runner, known_backends
 from radai.runtime.fake import FakeRunner
-from radai.runtime.onnx import OnnxRunner, choose_providers
+from radai.runtime.onnx import OnnxRunner, TensorrtOptions, choose_providers
 
+ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = np.array([2.0, -1.0], dtype=np.float32).reshape(2, 1, 1, 1, 1)
 BIAS = np.array([0.0, 0.5], dtype=np.float32)
 
@@ -112,14 +113,14 @@ def test_missing_onnxruntime_fails_at_creation_not_mid_job(
 
 def test_unknown_backend_error_names_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(
-        InferenceError, match=r"unknown runtime backend 'tensorrt' \(known: fake, onnx, torch\)"
+        InferenceError, match=r"unknown runtime backend 'openvino' \(known: fake, onnx, tensorrt, torch\)"
     ):
-        create_runner("tensorrt", tmp_path / "m.onnx")
+        create_runner("openvino", tmp_path / "m.onnx")
 
 
 def test_available_backends_lists_installed_ones() -> None:
-    assert known_backends() == ["fake", "onnx", "torch"]
-    assert available_backends() == ["fake", "onnx", "torch"]  # onnxruntime is a dependency
+    assert known_backends() == ["fake", "onnx", "tensorrt", "torch"]
+    assert available_backends() == ["fake", "onnx", "tensorrt", "torch"]  # onnxruntime is a dependency
 
 
 def test_fake_backend_needs_no_model_file_and_is_deterministic(tmp_path: Path) -> None:
@@ -160,3 +161,20 @@ def test_cuda_requested_without_a_cuda_provider_is_refused() -> None:
 def test_unknown_device_strings_are_refused(device: str) -> None:
     with pytest.raises(InferenceError, match="is not one of"):
         choose_providers(["CPUExecutionProvider"], device)
+
+
+def test_tensorrt_goes_first_with_its_engine_cache_and_fp16_option(tmp_path: Path) -> None:
+    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = choose_providers(offered, "cuda:1", TensorrtOptions(tmp_path / "engines", fp16=True))
+    name, options = providers[0]  # type: ignore[misc]
+    assert name == "TensorrtExecutionProvider"
+    assert options["trt_engine_cache_enable"] is True and options["trt_fp16_enable"] is True
+    assert options["trt_engine_cache_path"] == str(tmp_path / "engines") and options["device_id"] == 1
+    assert providers[1:] == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+
+
+def test_the_tensorrt_backend_is_refused_at_creation_without_its_provider(tmp_path: Path) -> None:
+    with pytest.raises(InferenceError, match="needs onnxruntime-gpu with TensorrtExecutionProvider"):
+        choose_providers(["CPUExecutionProvider"], "auto", TensorrtOptions(tmp_path))
+    with pytest.raises(InferenceError, match="backend 'tensorrt' needs onnxruntime-gpu"):
+        create_runner("tensorrt", ROOT / "model_zoo" / "ct_body_classical" / "model.onnx", output_channels=4)
