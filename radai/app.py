@@ -68,6 +68,20 @@ def scp_options(dicom: DicomSettings) -> ScpOptions:
     )
 
 
+def batches_in_flight(settings: Settings) -> int:
+    """`scheduler.batches_in_flight`, or 2 when the models run on a CUDA device, else 1."""
+    if settings.scheduler.batches_in_flight is not None:
+        return settings.scheduler.batches_in_flight
+    device = settings.scheduler.device
+    if device == "cuda":
+        return 2
+    if device == "auto":
+        import torch
+
+        return 2 if torch.cuda.is_available() else 1
+    return 1
+
+
 def model_store(settings: Settings) -> ModelStore:
     """The registry: installed packages under the registry folder, plus the bundled (or configured) ones."""
     return ModelStore(settings.registry_dir, settings.models.search_paths(), settings.models.enabled)
@@ -173,6 +187,7 @@ class Server:
                 poll_s=settings.models.poll_seconds,
                 aging_s=settings.scheduler.aging_seconds,
                 timeout_s=settings.scheduler.inference_timeout_seconds,
+                in_flight=batches_in_flight(settings),
                 on_batch=self._on_batch,
             ),
         )

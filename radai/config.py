@@ -337,6 +337,9 @@ class SchedulerSettings(BaseModel):
     # Backend `tensorrt`: build fp16 engines (faster, slightly different scores). Engines are cached under
     # <data_dir>/tensorrt.
     tensorrt_fp16: bool = False
+    # Batches of one model running at once; default: 2 on a CUDA device (copies and host work overlap the
+    # other batch's compute), 1 on a CPU (patches gather into full batches while the runner is busy).
+    batches_in_flight: int | None = Field(default=None, ge=1, le=8)
     priorities: list[PriorityRule] = Field(default_factory=list)
     job_workers: int = Field(default=4, ge=1, le=64)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")

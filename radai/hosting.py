@@ -41,6 +41,7 @@ class HostOptions:
     poll_s: float = 2.0
     aging_s: float = 30.0
     timeout_s: float | None = None
+    in_flight: int = 1
     on_batch: Callable[[BatchRecord], None] | None = None
 
 
@@ -126,6 +127,7 @@ class ModelHost:
             on_batch=self._options.on_batch,
             aging_s=self._options.aging_s,
             timeout_s=self._options.timeout_s,
+            in_flight=self._options.in_flight,
         )
         scheduler.start()
         providers = getattr(runner, "providers", None)

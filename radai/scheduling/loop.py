@@ -105,8 +105,15 @@ class Scheduler:
         clock: Callable[[], float] = time.monotonic,
         aging_s: float = 30.0,
         timeout_s: float | None = None,
+        in_flight: int = 1,
     ) -> None:
+        """`in_flight` batches may run at once (one worker thread each): on a GPU, 2 overlaps one batch's
+        host-to-device copy and host work with the other's compute; on a CPU, 1 lets patches accumulate
+        into full batches while the runner is busy."""
+        if in_flight < 1:
+            raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self.model = model
+        self._in_flight = in_flight
         self._runner = runner
         self._policy = BatchPolicy(max_batch, max_wait_s, aging_s)
         self._timeout_s = timeout_s
@@ -116,8 +123,8 @@ class Scheduler:
         self._pending: dict[PatchRef, _Work] = {}
         self._next_index = 0
         self._state = "new"  # new -> running -> stopped
-        self._thread: threading.Thread | None = None
-        self._inflight: tuple[_Call, ...] = ()
+        self._threads: list[threading.Thread] = []
+        self._inflight: dict[int, tuple[_Call, ...]] = {}  # worker index -> the calls of its running batch
         self._m_size = metrics.BATCH_SIZE.labels(model=model)
         self._m_jobs = metrics.BATCH_JOBS.labels(model=model)
         self._m_run = metrics.BATCH_SECONDS.labels(model=model)
@@ -136,10 +143,14 @@ class Scheduler:
             if self._state != "new":
                 raise RuntimeError(f"scheduler for model {self.model} was already started")
             self._state = "running"
-            self._thread = threading.Thread(
-                target=self._serve, name=f"radai-scheduler-{self.model}", daemon=True
-            )
-            self._thread.start()
+            self._threads = [
+                threading.Thread(
+                    target=self._serve, args=(i,), name=f"radai-scheduler-{self.model}-{i}", daemon=True
+                )
+                for i in range(self._in_flight)
+            ]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Fail every queued call with InferenceError, let the running batch finish (up to `timeout_s`,
@@ -156,13 +167,14 @@ class Scheduler:
             self._cond.notify_all()
         for call in queued:
             call.fail(f"scheduler for model {self.model} stopped before the patches ran", None)
-        thread = self._thread
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout_s)
-            if thread.is_alive():
-                log.warning("model %s: batch still running after %.1f s at stop", self.model, timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(deadline - time.monotonic(), 0.0))
+                if thread.is_alive():
+                    log.warning("model %s: batch still running after %.1f s at stop", self.model, timeout_s)
         with self._cond:
-            inflight = self._inflight
+            inflight = [call for calls in self._inflight.values() for call in calls]
         for call in inflight:
             call.fail(f"scheduler for model {self.model} stopped while the batch was running", None)
 
@@ -203,7 +215,7 @@ class Scheduler:
 
     # -- worker thread -------------------------------------------------------------------------------------
 
-    def _serve(self) -> None:
+    def _serve(self, worker: int) -> None:
         while True:
             with self._cond:
                 batch = self._next_batch()
@@ -211,7 +223,7 @@ class Scheduler:
                     return
                 work = [self._pending.pop(ref) for ref in batch.items]
                 work = [w for w in work if not w[0].done]  # calls that failed already: skip their rows
-                self._inflight = tuple(dict.fromkeys(call for call, _, _ in work))
+                self._inflight[worker] = tuple(dict.fromkeys(call for call, _, _ in work))
                 self._m_depth.set(self._policy.depth)
             try:
                 if work:
@@ -222,7 +234,7 @@ class Scheduler:
                     call.fail(f"scheduler error on model {self.model}: {exc}", exc)
             finally:
                 with self._cond:
-                    self._inflight = ()
+                    self._inflight.pop(worker, None)
 
     def _next_batch(self) -> Batch | None:
         """Wait (holding the condition) until the policy closes a batch; None once stopped."""

@@ -89,3 +89,47 @@ def test_concurrent_jobs_all_resolve_while_batches_run_out_of_memory(workers: in
         assert threading.active_count() < 50
     finally:
         scheduler.stop(timeout_s=1.0)
+
+
+class CountingRunner(FakeRunner):
+    """Counts how many batches are inside `run` at once, holding each until the gate opens."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.inside = 0
+        self.most = 0
+        self.gate = threading.Event()
+        self._count = threading.Lock()
+
+    def run(self, batch: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+        with self._count:
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+        self.gate.wait(JOIN_S)
+        try:
+            return super().run(batch)
+        finally:
+            with self._count:
+                self.inside -= 1
+
+
+@pytest.mark.parametrize(("in_flight", "expected"), [(1, 1), (2, 2)])
+def test_batches_in_flight_run_at_once_and_every_call_still_gets_its_rows(
+    in_flight: int, expected: int
+) -> None:
+    runner = CountingRunner()
+    scheduler = Scheduler("m", runner, max_batch=2, max_wait_s=0.0, in_flight=in_flight)
+    scheduler.start()
+    try:
+        job = Job(scheduler, "a", patches(6, 3))
+        job.start()
+        wait_until(lambda: runner.inside == expected)
+        time.sleep(0.05)  # a third batch would have entered by now if the limit were wrong
+        assert runner.inside == expected
+        runner.gate.set()
+        job.finish()
+        assert job.error is None and runner.most == expected
+        np.testing.assert_array_equal(job.result, runner.expected(patches(6, 3)))
+    finally:
+        runner.gate.set()
+        scheduler.stop(timeout_s=1.0)
