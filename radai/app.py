@@ -188,6 +188,8 @@ class Server:
                 aging_s=settings.scheduler.aging_seconds,
                 timeout_s=settings.scheduler.inference_timeout_seconds,
                 in_flight=batches_in_flight(settings),
+                devices=tuple(settings.scheduler.devices),
+                runner_on=make_runner_factory,
                 on_batch=self._on_batch,
             ),
         )

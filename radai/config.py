@@ -10,7 +10,7 @@ import importlib.util
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -343,6 +343,8 @@ class SchedulerSettings(BaseModel):
     priorities: list[PriorityRule] = Field(default_factory=list)
     job_workers: int = Field(default=4, ge=1, le=64)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
+    # Several devices (e.g. [cuda:0, cuda:1]): each model gets a runner on every one, all serving its queue.
+    devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] = Field(default_factory=list)
 
 
 class Settings(BaseSettings):

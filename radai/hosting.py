@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 class _Loaded:
     slot: ModelSlot
     scheduler: Scheduler
-    runner: ModelRunner
+    runners: tuple[ModelRunner, ...]
     leases: int = 0
     selected: bool = True
 
@@ -42,6 +42,9 @@ class HostOptions:
     aging_s: float = 30.0
     timeout_s: float | None = None
     in_flight: int = 1
+    # One runner per device (e.g. each GPU), all serving the model's one queue; empty: the factory's device.
+    devices: tuple[str, ...] = ()
+    runner_on: Callable[[str], RunnerFactory] | None = None
     on_batch: Callable[[BatchRecord], None] | None = None
 
 
@@ -49,6 +52,13 @@ class HostOptions:
 class _Published:
     active: dict[str, str] = field(default_factory=dict)  # model id -> key
     shadow: dict[str, str] = field(default_factory=dict)
+
+
+def _describe(runner: ModelRunner) -> str:
+    providers = getattr(runner, "providers", None)
+    if isinstance(providers, list):
+        return ", ".join(str(p) for p in providers)
+    return str(getattr(runner, "device", type(runner).__name__))
 
 
 class ModelHost:
@@ -114,14 +124,23 @@ class ModelHost:
 
     def _load(self, package: ModelPackage) -> _Loaded:
         card = package.card
+        factories = (
+            [self._options.runner_on(d) for d in self._options.devices]
+            if self._options.devices and self._options.runner_on is not None
+            else [self._make_runner]
+        )
+        runners: list[ModelRunner] = []
         try:
             reference_check(package, self._make_runner)
-            runner = self._make_runner(card.runtime.backend, package.weights, card.output.channels)
+            for factory in factories:  # one runner per device, all serving the model's queue
+                runners.append(factory(card.runtime.backend, package.weights, card.output.channels))
         except (ModelPackageError, RadaiError) as exc:
+            for made in runners:
+                made.close()
             raise ModelPackageError(f"model {package.key} failed validation: {exc}") from exc
         scheduler = Scheduler(
             card.id,  # metrics label: the model id (bounded), as for every other per-model metric
-            runner,
+            runners,
             card.runtime.max_batch,
             self._options.max_wait_s,
             on_batch=self._options.on_batch,
@@ -130,15 +149,15 @@ class ModelHost:
             in_flight=self._options.in_flight,
         )
         scheduler.start()
-        providers = getattr(runner, "providers", None)
-        where = ", ".join(providers) if isinstance(providers, list) else type(runner).__name__
+        where = "; ".join(_describe(r) for r in runners)
         log.info("model %s loaded (%s, %s)", package.key, card.runtime.backend, where)
-        return _Loaded(ModelSlot(package, scheduler), scheduler, runner)
+        return _Loaded(ModelSlot(package, scheduler), scheduler, tuple(runners))
 
     @staticmethod
     def _unload(loaded: _Loaded) -> None:
         loaded.scheduler.stop()
-        loaded.runner.close()
+        for runner in loaded.runners:
+            runner.close()
         log.info("model %s unloaded", loaded.slot.key)
 
     def reconcile(self) -> bool:

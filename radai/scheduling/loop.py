@@ -98,7 +98,7 @@ class Scheduler:
     def __init__(
         self,
         model: str,
-        runner: ModelRunner,
+        runner: ModelRunner | Sequence[ModelRunner],
         max_batch: int,
         max_wait_s: float,
         on_batch: Callable[[BatchRecord], None] | None = None,
@@ -107,14 +107,16 @@ class Scheduler:
         timeout_s: float | None = None,
         in_flight: int = 1,
     ) -> None:
-        """`in_flight` batches may run at once (one worker thread each): on a GPU, 2 overlaps one batch's
-        host-to-device copy and host work with the other's compute; on a CPU, 1 lets patches accumulate
-        into full batches while the runner is busy."""
+        """Several runners (one per GPU) share this model's queue, each serving `in_flight` batches at once
+        (one worker thread each): on a GPU, 2 overlaps one batch's host-to-device copy and host work with the
+        other's compute; on a CPU, 1 lets patches accumulate into full batches while the runner is busy."""
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self.model = model
         self._in_flight = in_flight
-        self._runner = runner
+        self._runners: tuple[ModelRunner, ...] = tuple(runner) if isinstance(runner, Sequence) else (runner,)
+        if not self._runners:
+            raise ValueError("a scheduler needs at least one runner")
         self._policy = BatchPolicy(max_batch, max_wait_s, aging_s)
         self._timeout_s = timeout_s
         self._on_batch = on_batch
@@ -147,7 +149,7 @@ class Scheduler:
                 threading.Thread(
                     target=self._serve, args=(i,), name=f"radai-scheduler-{self.model}-{i}", daemon=True
                 )
-                for i in range(self._in_flight)
+                for i in range(self._in_flight * len(self._runners))
             ]
             for thread in self._threads:
                 thread.start()
@@ -227,7 +229,7 @@ class Scheduler:
                 self._m_depth.set(self._policy.depth)
             try:
                 if work:
-                    self._run(batch, work)
+                    self._run(batch, work, self._runners[worker // self._in_flight])
             except Exception as exc:  # never let the worker die: fail this batch and go on
                 log.exception("model %s: scheduler error", self.model)
                 for call, _, _ in work:
@@ -247,14 +249,14 @@ class Scheduler:
             self._cond.wait(None if deadline is None else max(deadline - now, 0.0))
         return None
 
-    def _run(self, batch: Batch, work: list[_Work]) -> None:
+    def _run(self, batch: Batch, work: list[_Work], runner: ModelRunner) -> None:
         x = np.stack([patch for _, _, patch in work])
         calls = dict.fromkeys(call for call, _, _ in work)
         job_ids = tuple(dict.fromkeys(call.job_id for call in calls))
         started = self._clock()
         scores: NDArray[np.float32] | None = None
         try:
-            scores = self._infer(x)
+            scores = self._infer(x, runner)
         except Exception as exc:
             reason = str(exc) if isinstance(exc, InferenceError) else f"{type(exc).__name__}: {exc}"
             log.warning(
@@ -282,11 +284,11 @@ class Scheduler:
             except Exception:
                 log.exception("model %s: on_batch callback failed", self.model)
 
-    def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+    def _infer(self, x: NDArray[np.float32], runner: ModelRunner) -> NDArray[np.float32]:
         """Run a batch; on out-of-memory split it in halves (recursively) and cap later batches at the size
         that fits, so one too-large batch costs a retry, not the jobs in it."""
         try:
-            return self._check_shape(self._call_runner(x), x.shape)
+            return self._check_shape(self._call_runner(x, runner), x.shape)
         except OutOfMemoryError:
             n = int(x.shape[0])
             if n == 1:
@@ -299,19 +301,19 @@ class Scheduler:
                 n,
                 self._policy.max_batch,
             )
-            return np.concatenate([self._infer(x[:half]), self._infer(x[half:])])
+            return np.concatenate([self._infer(x[:half], runner), self._infer(x[half:], runner)])
 
-    def _call_runner(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+    def _call_runner(self, x: NDArray[np.float32], runner: ModelRunner) -> NDArray[np.float32]:
         """`runner.run(x)`, given up after `timeout_s`: the call runs on its own daemon thread, so a hung
         device fails its batch's jobs and the worker goes on with the next batch."""
         if self._timeout_s is None:
-            return self._runner.run(x)
+            return runner.run(x)
         box: list[NDArray[np.float32] | BaseException] = []
         done = threading.Event()
 
         def call() -> None:
             try:
-                box.append(self._runner.run(x))
+                box.append(runner.run(x))
             except BaseException as exc:
                 box.append(exc)
             finally:

@@ -83,3 +83,12 @@ def test_a_stat_jobs_patches_run_in_the_next_batch_ahead_of_queued_background_wo
         scheduler.stop(timeout_s=1.0)
     assert order == [("bg",), ("stat",), ("bg",), ("bg",), ("bg",)]
     assert results["stat"].shape[0] == 2 and results["bg"].shape[0] == 8
+
+
+def test_several_devices_are_accepted_and_a_bad_one_is_refused_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "radai.yaml"
+    cfg.write_text("scheduler: {devices: [cuda:0, cuda:1], batches_in_flight: 2}\n")
+    assert load_settings(cfg).scheduler.devices == ["cuda:0", "cuda:1"]
+    cfg.write_text("scheduler: {devices: [gpu0]}\n")
+    with pytest.raises(ConfigError, match=r"scheduler\.devices\.0"):
+        load_settings(cfg)

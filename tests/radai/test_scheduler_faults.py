@@ -133,3 +133,23 @@ def test_batches_in_flight_run_at_once_and_every_call_still_gets_its_rows(
     finally:
         runner.gate.set()
         scheduler.stop(timeout_s=1.0)
+
+
+def test_several_runners_one_per_device_share_one_queue_and_all_serve_it() -> None:
+    gpus = [CountingRunner(), CountingRunner()]
+    scheduler = Scheduler("m", gpus, max_batch=2, max_wait_s=0.0)
+    scheduler.start()
+    try:
+        job = Job(scheduler, "a", patches(8, 4))
+        job.start()
+        wait_until(lambda: gpus[0].inside == 1 and gpus[1].inside == 1)  # a batch on each device at once
+        for gpu in gpus:
+            gpu.gate.set()
+        job.finish()
+        assert job.error is None
+        np.testing.assert_array_equal(job.result, gpus[0].expected(patches(8, 4)))
+        assert len(gpus[0].calls) + len(gpus[1].calls) == 4 and gpus[0].calls and gpus[1].calls
+    finally:
+        for gpu in gpus:
+            gpu.gate.set()
+        scheduler.stop(timeout_s=1.0)
