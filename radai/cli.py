@@ -134,14 +134,14 @@ def models_add(
 
     settings = _settings(config)
     registry = _registry(config)
+    if not path.is_file() and not path.is_dir():
+        raise RadaiError(f"{path}: no such package folder or archive")
     typer.echo(f"validating {path.name} (schema, files, checksum, ONNX graph, reference inference) ...")
     with tempfile.TemporaryDirectory(prefix="radai-add-") as tmp:
         folder = path
         if path.is_file():
             limits = ArchiveLimits(max_total_bytes=settings.models.max_upload_bytes)
             folder = extract_package(path, Path(tmp) / "unpacked", limits)
-        elif not path.is_dir():
-            raise RadaiError(f"{path}: no such package folder or archive")
         added = registry.add(folder, make_validator(settings.scheduler.device))
     entry = added.entry
     if not added.new:
