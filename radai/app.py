@@ -17,6 +17,7 @@ from typing import Any
 from dicom_router.receiver import Receiver
 from dicom_router.scp import ScpOptions
 from dicom_router.security import AllowedPeer
+from radai.api.auth import Tokens
 from radai.config import DestinationSettings, DicomSettings, Settings
 from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy, plan_from_settings
 from radai.errors import ConfigError, NotFoundError
@@ -119,8 +120,6 @@ class RegistryAdmin:
     def __init__(self, registry: ModelStore, host: ModelHost | None, settings: Settings) -> None:
         self._registry = registry
         self._host = host
-        token = settings.api.admin_token
-        self.admin_token = token.get_secret_value() if token is not None else None
         self.max_upload_bytes = settings.models.max_upload_bytes
         self._validate = make_validator(settings.scheduler.device)
 
@@ -157,6 +156,14 @@ class RegistryAdmin:
         removed = self._registry.remove(ref)
         self._sync()
         return removed
+
+
+def api_tokens(settings: Settings) -> Tokens:
+    admin, read = settings.api.admin_token, settings.api.read_token
+    return Tokens(
+        admin=admin.get_secret_value() if admin is not None else None,
+        read=read.get_secret_value() if read is not None else None,
+    )
 
 
 def make_validator(device: str) -> Callable[[Path], ModelPackage]:
@@ -306,9 +313,8 @@ def serve(settings: Settings) -> None:
     server = Server(settings)
     server.start()
     try:
-        api = create_api(
-            server.store, server.readiness, RegistryAdmin(server.registry, server.host, settings)
-        )
+        admin = RegistryAdmin(server.registry, server.host, settings)
+        api = create_api(server.store, server.readiness, admin, api_tokens(settings))
         uvicorn.run(api, host=settings.api.host, port=settings.api.port, log_level="warning")
     finally:
         server.stop()

@@ -263,19 +263,49 @@ class StorageSettings(BaseModel):
         return self.data_dir / "failed"
 
 
+# Words of sample configurations; a secret containing one was copied, not generated.
+_PLACEHOLDERS = ("changeme", "change-me", "change_me", "example", "default", "password")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class ApiSettings(BaseModel):
     model_config = _SECTION
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    # Bearer token for write routes (model uploads, activation). Unset: every write route answers 403.
+    # Bearer tokens. admin: every write (model uploads, activation, retries) and every read; unset, writes
+    # answer 403. read: the read routes. With either set, reads need a token; health and /metrics stay open.
     admin_token: SecretStr | None = None
+    read_token: SecretStr | None = None
 
-    @field_validator("admin_token")
+    @field_validator("admin_token", "read_token")
     @classmethod
     def _strong_token(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value()) < 16:
+        if value is None:
+            return value
+        secret = value.get_secret_value()
+        if len(secret) < 16:
             raise ValueError("must be at least 16 characters (use a random secret)")
+        lowered = secret.lower()
+        if len(set(secret)) < 6 or any(word in lowered for word in _PLACEHOLDERS):
+            raise ValueError("looks like a placeholder or default secret; use a random one")
         return value
+
+    @model_validator(mode="after")
+    def _not_exposed_without_a_secret(self) -> ApiSettings:
+        if self.admin_token is None and not _loopback(self.host):
+            raise ValueError(
+                f"listening on {self.host} beyond loopback needs api.admin_token (and api.read_token for "
+                "read-only clients); or keep api.host on 127.0.0.1"
+            )
+        return self
 
 
 def bundled_models_dir() -> Path | None:

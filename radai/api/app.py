@@ -6,10 +6,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Response
+from fastapi import Depends, FastAPI, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import radai
+from radai.api.auth import Tokens, require_read
 from radai.api.models import ModelAdmin, models_router
 from radai.errors import NotFoundError
 from radai.metrics import REGISTRY
@@ -18,9 +19,13 @@ from radai.ports import JobStore
 ReadinessCheck = Callable[[], dict[str, bool]]
 
 
-def create_api(store: JobStore, readiness: ReadinessCheck, models: ModelAdmin) -> FastAPI:
+def create_api(
+    store: JobStore, readiness: ReadinessCheck, models: ModelAdmin, tokens: Tokens | None = None
+) -> FastAPI:
+    tokens = tokens or Tokens()
     api = FastAPI(title="radai", version=radai.__version__, description="Radiology AI inference server")
-    api.include_router(models_router(models))
+    api.include_router(models_router(models, tokens))
+    read = [Depends(require_read(tokens))]
 
     @api.get("/livez")
     def livez() -> dict[str, str]:
@@ -39,11 +44,11 @@ def create_api(store: JobStore, readiness: ReadinessCheck, models: ModelAdmin) -
     def metrics() -> Response:
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
-    @api.get("/api/v1/studies")
+    @api.get("/api/v1/studies", dependencies=read)
     def list_studies(limit: int = 100) -> list[dict[str, Any]]:
         return [asdict(s) for s in store.list_studies(limit=min(max(limit, 1), 1000))]
 
-    @api.get("/api/v1/studies/{study_uid}")
+    @api.get("/api/v1/studies/{study_uid}", dependencies=read)
     def get_study(study_uid: str) -> dict[str, Any]:
         try:
             return asdict(store.get_study(study_uid))

@@ -1,7 +1,7 @@
 """`/api/v1/models`: the model registry over HTTP.
 
-Reads are open like the rest of the read API; writes (upload, activate, shadow, remove) need
-`Authorization: Bearer <api.admin_token>` and are refused outright while no admin token is configured.
+Reads need the read or admin token once auth is on (radai.api.auth); writes (upload, activate, shadow,
+remove) need `Authorization: Bearer <api.admin_token>` and are refused outright while none is configured.
 An upload is a multipart form with the package archive (.zip or .tar.gz) in the field `package`; it goes
 through the same checks as `radai models add` (safe extraction, nothing that unpickles, card schema,
 checksum, ONNX graph against the card, reference inference) and is refused with the reason (400), or with
@@ -10,16 +10,15 @@ checksum, ONNX graph against the card, reference inference) and is refused with 
 
 from __future__ import annotations
 
-import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
-from fastapi import APIRouter, Depends, File, Header, HTTPException, Request, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Request, UploadFile
 from pydantic import BaseModel
 
+from radai.api.auth import Tokens, require_admin, require_read
 from radai.errors import ModelPackageError, NotFoundError, RadaiError
 
 ModelView = dict[str, Any]
@@ -28,7 +27,6 @@ ModelView = dict[str, Any]
 class ModelAdmin(Protocol):
     """What the API needs of the registry and the running server (implemented in radai.app)."""
 
-    admin_token: str | None
     max_upload_bytes: int
 
     def views(self) -> list[ModelView]: ...
@@ -55,22 +53,9 @@ def _fail(exc: RadaiError) -> HTTPException:
     return HTTPException(status_code=status, detail=str(exc))
 
 
-def _require_admin(admin: ModelAdmin) -> Callable[..., None]:
-    def check(authorization: Annotated[str | None, Header()] = None) -> None:
-        if admin.admin_token is None:
-            raise HTTPException(403, "writes are disabled: no api.admin_token is configured")
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), admin.admin_token.encode()
-        ):
-            raise HTTPException(401, "admin token required", headers={"WWW-Authenticate": "Bearer"})
-
-    return check
-
-
-def models_router(admin: ModelAdmin) -> APIRouter:
-    router = APIRouter(prefix="/api/v1/models", tags=["models"])
-    write = [Depends(_require_admin(admin))]
+def models_router(admin: ModelAdmin, tokens: Tokens) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/models", tags=["models"], dependencies=[Depends(require_read(tokens))])
+    write = [Depends(require_admin(tokens))]
 
     @router.get("")
     def list_models() -> list[ModelView]:

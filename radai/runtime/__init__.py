@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from radai.errors import InferenceError
@@ -17,6 +17,10 @@ class RuntimeOptions:
 
     tensorrt_cache: Path = Path("radai-data/tensorrt")  # TensorRT engines, built once per model and shape
     tensorrt_fp16: bool = False
+    triton_url: str | None = None  # the `triton` backend's server, e.g. "http://triton.internal:8000"
+    # Triton model name per radai model (card id); a model not listed uses its card id as the Triton name.
+    triton_models: dict[str, str] = field(default_factory=dict)
+    triton_timeout_s: float = 60.0
 
 
 RUNTIME_OPTIONS = RuntimeOptions()
@@ -47,6 +51,20 @@ def _torch(model_path: Path, output_channels: int | None, device: str) -> ModelR
     return TorchRunner(model_path, device=device, output_channels=output_channels)
 
 
+def _triton(model_path: Path, output_channels: int | None, device: str) -> ModelRunner:
+    from radai.runtime.triton import TritonRunner, triton_model_key
+
+    if not RUNTIME_OPTIONS.triton_url:
+        raise InferenceError("backend 'triton' needs the Triton server's URL (RUNTIME_OPTIONS.triton_url)")
+    key = triton_model_key(model_path)
+    return TritonRunner(
+        RUNTIME_OPTIONS.triton_url,
+        RUNTIME_OPTIONS.triton_models.get(key, key),
+        output_channels=output_channels,
+        timeout_s=RUNTIME_OPTIONS.triton_timeout_s,
+    )
+
+
 _Factory = Callable[[Path, "int | None", str], ModelRunner]
 
 # name -> (factory, third-party package the backend needs, or None)
@@ -56,6 +74,8 @@ _BACKENDS: dict[str, tuple[_Factory, str | None]] = {
     "tensorrt": (_tensorrt, "onnxruntime"),
     "fake": (_fake, None),
     "torch": (_torch, "onnx2torch"),
+    # A shared NVIDIA Triton Inference Server over HTTP; the device is the server's.
+    "triton": (_triton, "tritonclient"),
 }
 
 

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.skipif(not CRLM.is_dir(), reason="../shared test data not present"),
 ]
 
-TOKEN = "e2e-admin-token-0123456789"
+TOKEN = "Gm7Xc2Qw9Lp4Zr8Vt5Hy"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 CT_1004 = CRLM / "CRLM-CT-1004" / "image"
 CT_1006 = CRLM / "CRLM-CT-1006" / "image"
@@ -68,13 +68,18 @@ def study_uid_of(folder: Path) -> str:
     return str(pydicom.dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True).StudyInstanceUID)
 
 
+def authed(server: RadaiServer, path: str) -> httpx.Response:
+    """A read with the admin token (auth is on once a token is configured)."""
+    return httpx.get(server.url + path, headers=AUTH, timeout=10)
+
+
 def done(server: RadaiServer, study_uid: str) -> dict[str, object]:
     def settled() -> bool:
-        r = server.get(f"/api/v1/studies/{study_uid}")
+        r = authed(server, f"/api/v1/studies/{study_uid}")
         return r.status_code == 200 and r.json()["state"] in ("done", "failed", "dead-letter")
 
     wait_for(settled, 180, "the study to settle")
-    study: dict[str, object] = server.get(f"/api/v1/studies/{study_uid}").json()
+    study: dict[str, object] = authed(server, f"/api/v1/studies/{study_uid}").json()
     return study
 
 
@@ -130,5 +135,5 @@ def test_uploads_shadow_pipeline_and_activation_on_a_live_server(
     assert keys == {"threshold@1.1.0", "dense@1.0.0"}
     wait_for(lambda: len(results_for(pacs, second)) >= 4, 60, "the second study's results")
     assert algorithms(results_for(pacs, second)) == {"threshold@1.1.0", "dense@1.0.0"}
-    models = {m["key"]: m for m in server.get("/api/v1/models").json()}
+    models = {m["key"]: m for m in authed(server, "/api/v1/models").json()}
     assert models["threshold@1.1.0"]["active"] and not models["threshold@1.0.0"]["active"]

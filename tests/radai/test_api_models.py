@@ -12,13 +12,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from radai.api.app import create_api
+from radai.api.auth import Tokens
 from radai.app import RegistryAdmin
 from radai.config import Settings
 from radai.storage.model_store import ModelStore
 from radai.storage.sqlite import SqliteJobStore
 from tests.radai.model_packages import threshold_package
 
-TOKEN = "s3cret-admin-token-for-tests"
+TOKEN = "Tq4Lz8Wm2Rx6Hv9Kb3Nj"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -28,7 +29,8 @@ def client(tmp_path: Path, token: str | None = TOKEN, max_upload: int = 64 * 102
     settings = Settings.model_validate(
         {"api": {"admin_token": token}, "models": {"max_upload_bytes": max_upload}}
     )
-    return TestClient(create_api(store, dict, RegistryAdmin(registry, None, settings)))
+    tokens = Tokens(admin=token)
+    return TestClient(create_api(store, dict, RegistryAdmin(registry, None, settings), tokens))
 
 
 def zipped(folder: Path) -> bytes:
@@ -56,10 +58,10 @@ def test_upload_registers_a_package_and_the_first_version_is_active(tmp_path: Pa
         headers=AUTH,
     )
     assert again.status_code == 201 and again.json()["new"] is False
-    (listed,) = c.get("/api/v1/models").json()  # reads need no token
+    (listed,) = c.get("/api/v1/models", headers=AUTH).json()
     assert listed["source"] == "installed" and listed["not_for_clinical_use"] is True
-    assert c.get("/api/v1/models/threshold").status_code == 200
-    assert c.get("/api/v1/models/nothing").status_code == 404
+    assert c.get("/api/v1/models/threshold", headers=AUTH).status_code == 200
+    assert c.get("/api/v1/models/nothing", headers=AUTH).status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -81,7 +83,7 @@ def test_every_write_route_refuses_without_the_admin_token(
     )
     assert c.post("/api/v1/models/x/shadow", json={"version": "1.0.0"}, headers=headers).status_code == status
     assert c.delete("/api/v1/models/x", headers=headers).status_code == status
-    assert c.get("/api/v1/models").json() == []
+    assert c.get("/api/v1/models", headers=AUTH).json() == []
 
 
 def test_writes_are_refused_outright_while_no_admin_token_is_configured(tmp_path: Path) -> None:
@@ -97,7 +99,7 @@ def test_an_upload_over_the_size_cap_is_refused_with_413(tmp_path: Path) -> None
     assert len(data) > 2048
     r = c.post("/api/v1/models", files={"package": ("p.zip", data)}, headers=AUTH)
     assert r.status_code == 413
-    assert c.get("/api/v1/models").json() == []
+    assert c.get("/api/v1/models", headers=AUTH).json() == []
 
 
 def test_an_archive_entry_leaving_the_target_folder_is_refused_and_nothing_is_registered(
@@ -113,7 +115,7 @@ def test_an_archive_entry_leaving_the_target_folder_is_refused_and_nothing_is_re
         tar.addfile(info, io.BytesIO(b"owned"))
     r = c.post("/api/v1/models", files={"package": ("p.tar.gz", buffer.getvalue())}, headers=AUTH)
     assert r.status_code == 400 and ".." in r.json()["detail"]
-    assert c.get("/api/v1/models").json() == []
+    assert c.get("/api/v1/models", headers=AUTH).json() == []
 
 
 def test_a_package_failing_a_check_is_refused_with_its_reason(tmp_path: Path) -> None:
@@ -144,4 +146,4 @@ def test_activate_shadow_and_remove_over_http(tmp_path: Path) -> None:
     assert c.delete("/api/v1/models/threshold", params={"version": "1.0.0"}, headers=AUTH).json() == {
         "removed": ["threshold@1.0.0"]
     }
-    assert [m["key"] for m in c.get("/api/v1/models").json()] == ["threshold@1.1.0"]
+    assert [m["key"] for m in c.get("/api/v1/models", headers=AUTH).json()] == ["threshold@1.1.0"]
