@@ -30,8 +30,8 @@ def stage_means(metrics_text: str, model: str) -> dict[str, float]:
     out = {}
     for stage in STAGES:
         label = rf'\{{model="{model}",stage="{stage}"\}}|\{{stage="{stage}",model="{model}"\}}'
-        total = re.search(rf"radai_stage_seconds_sum(?:{label}) (\S+)", metrics_text)
-        count = re.search(rf"radai_stage_seconds_count(?:{label}) (\S+)", metrics_text)
+        total = re.search(rf"radai_study_stage_seconds_sum(?:{label}) (\S+)", metrics_text)
+        count = re.search(rf"radai_study_stage_seconds_count(?:{label}) (\S+)", metrics_text)
         if total and count and float(count.group(1)) > 0:
             out[stage] = float(total.group(1)) / float(count.group(1))
     return out

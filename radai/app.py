@@ -184,6 +184,7 @@ class Server:
         self.settings = settings
         RUNTIME_OPTIONS.tensorrt_cache = settings.storage.data_dir / "tensorrt"
         RUNTIME_OPTIONS.tensorrt_fp16 = settings.scheduler.tensorrt_fp16
+        RUNTIME_OPTIONS.triton_url = settings.scheduler.triton_url
         self.store = SqliteJobStore(settings.storage.database)
         self.registry = model_store(settings)
         self.host = ModelHost(

@@ -370,6 +370,8 @@ class SchedulerSettings(BaseModel):
     # Batches of one model running at once; default: 2 on a CUDA device (copies and host work overlap the
     # other batch's compute), 1 on a CPU (patches gather into full batches while the runner is busy).
     batches_in_flight: int | None = Field(default=None, ge=1, le=8)
+    # Backend `triton`: the Triton Inference Server (HTTP) serving the models under their card ids.
+    triton_url: str | None = None
     priorities: list[PriorityRule] = Field(default_factory=list)
     job_workers: int = Field(default=4, ge=1, le=64)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")

@@ -14,16 +14,16 @@ _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 30
 STAGES = ("received", "complete", "queued", "inferred", "encoded", "delivered")
 
 STAGE_SECONDS = Histogram(
-    "radai_stage_seconds",
+    "radai_study_stage_seconds",
     "Time spent in each pipeline stage, per job (since the previous stage)",
     ["stage", "model"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 STUDY_SECONDS = Histogram(
-    "radai_study_seconds",
-    "Time from the first instance received to the destination acknowledging the last result",
-    ["model", "outcome"],
+    "radai_study_end_to_end_seconds",
+    "Time from the first instance received to the last destination acknowledging the job's results",
+    ["model", "priority"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )

@@ -402,7 +402,7 @@ class Workflow:
             metrics.STAGE_SECONDS.labels(stage=stage.value, model=model).observe(max(0.0, at - previous))
             previous = at
         delivered = job.stages.get(Stage.DELIVERED.value, previous)
-        metrics.STUDY_SECONDS.labels(model=model, outcome="delivered").observe(
+        metrics.STUDY_SECONDS.labels(model=model, priority=job.priority.value).observe(
             max(0.0, delivered - study.first_received)
         )
 

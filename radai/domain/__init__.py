@@ -122,6 +122,7 @@ class JobRecord:
     outputs: tuple[str, ...] = ()
     deliveries: tuple[DeliveryRecord, ...] = ()
     shadow: tuple[ShadowRecord, ...] = ()
+    priority: Priority = Priority.ROUTINE
 
 
 @dataclass(frozen=True)

@@ -189,7 +189,8 @@ class Label(BaseModel):
 class RuntimeSpec(BaseModel):
     model_config = _STRICT
     # The runtime that runs the ONNX file: ONNX Runtime, or PyTorch (the graph converted at load).
-    backend: Literal["onnx", "tensorrt", "torch", "fake"] = "onnx"
+    # `triton`: a shared Triton Inference Server (scheduler.triton_url) serving this ONNX file under the card id.
+    backend: Literal["onnx", "tensorrt", "torch", "triton", "fake"] = "onnx"
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     max_batch: int = Field(default=4, ge=1)

@@ -18,7 +18,7 @@ class RuntimeOptions:
     tensorrt_cache: Path = Path("radai-data/tensorrt")  # TensorRT engines, built once per model and shape
     tensorrt_fp16: bool = False
     triton_url: str | None = None  # the `triton` backend's server, e.g. "http://triton.internal:8000"
-    # Triton model name per radai model (card id); a model not listed uses its card id as the Triton name.
+    # Triton model per radai model (card id): "name" or "name/version"; a model not listed uses its card id.
     triton_models: dict[str, str] = field(default_factory=dict)
     triton_timeout_s: float = 60.0
 
@@ -57,9 +57,11 @@ def _triton(model_path: Path, output_channels: int | None, device: str) -> Model
     if not RUNTIME_OPTIONS.triton_url:
         raise InferenceError("backend 'triton' needs the Triton server's URL (RUNTIME_OPTIONS.triton_url)")
     key = triton_model_key(model_path)
+    name, _, version = RUNTIME_OPTIONS.triton_models.get(key, key).partition("/")
     return TritonRunner(
         RUNTIME_OPTIONS.triton_url,
-        RUNTIME_OPTIONS.triton_models.get(key, key),
+        name,
+        version,
         output_channels=output_channels,
         timeout_s=RUNTIME_OPTIONS.triton_timeout_s,
     )

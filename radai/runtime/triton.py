@@ -135,8 +135,8 @@ class TritonRunner:
         self._clients: list[Any] = []
         self._lock = threading.Lock()
         self._closed = False
-        client = self._client()
         try:
+            client = self._client()
             live, ready = client.is_server_live(), client.is_server_ready()
         except Exception as exc:  # connection refused, DNS, TLS, timeouts: all surface as foreign errors
             self.close()
@@ -196,16 +196,19 @@ class TritonRunner:
         if batch.ndim != 5:
             raise InferenceError(f"Triton model {self._where}: batch must be 5-D, got shape {batch.shape}")
         data = np.ascontiguousarray(batch, dtype=_FLOATS[self._input_type])
-        client = self._client()
         request = self._http.InferInput(self.input_name, list(data.shape), self._input_type)
         request.set_data_from_numpy(data, binary_data=True)
         wanted = self._http.InferRequestedOutput(self.output_name, binary_data=True)
         try:
+            client = self._client()
             result = client.infer(
                 self.model_name, [request], model_version=self.model_version, outputs=[wanted]
             )
             out = result.as_numpy(self.output_name)
+        except InferenceError:
+            raise
         except Exception as exc:  # translate tritonclient/gevent errors at the adapter boundary
+            self._discard()  # a fresh connection next time: a late answer must not be read as the next one
             message = _one_line(exc)
             if any(sign in message.lower() for sign in _OOM_SIGNS):
                 raise OutOfMemoryError(f"Triton ran out of memory on {self._where}: {message}") from exc
@@ -222,6 +225,20 @@ class TritonRunner:
                 f"{list(batch.shape)}"
             )
         return np.asarray(out, dtype=np.float32)
+
+    def _discard(self) -> None:
+        """Close and forget this thread's client."""
+        client = getattr(self._local, "client", None)
+        self._local.client = None
+        if client is None:
+            return
+        with self._lock:
+            if client in self._clients:
+                self._clients.remove(client)
+        try:
+            client.close()
+        except Exception as exc:  # the connection is dropped either way
+            log.debug("closing a triton client failed: %s", exc)
 
     def close(self) -> None:
         """Close every thread's client; later `run` calls raise InferenceError."""

@@ -16,6 +16,7 @@ from radai.domain import (
     JobRecord,
     JobSpec,
     JobState,
+    Priority,
     ShadowRecord,
     Stage,
     StudyRecord,
@@ -45,7 +46,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     stages TEXT NOT NULL DEFAULT '{}',
     batches INTEGER NOT NULL DEFAULT 0,
     shared_batches INTEGER NOT NULL DEFAULT 0,
-    outputs TEXT NOT NULL DEFAULT '[]'
+    outputs TEXT NOT NULL DEFAULT '[]',
+    priority TEXT NOT NULL DEFAULT 'routine'
 );
 CREATE INDEX IF NOT EXISTS jobs_by_study ON jobs(study_uid);
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -85,6 +87,10 @@ class SqliteJobStore(SqliteDatabase):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, _SCHEMA)
+        with self._lock:  # databases made before the priority column
+            columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+            if "priority" not in columns:
+                self._db.execute("ALTER TABLE jobs ADD COLUMN priority TEXT NOT NULL DEFAULT 'routine'")
 
     def upsert_study(self, record: StudyRecord) -> None:
         with self._lock:
@@ -116,9 +122,10 @@ class SqliteJobStore(SqliteDatabase):
         with self._lock:
             # A re-sent study reuses its deterministic job id: reset the row instead of adding a second one.
             self._db.execute(
-                "INSERT INTO jobs (job_id, study_uid, series_uid, model_key, state, stages) VALUES (?,?,?,?,?,?) "
+                "INSERT INTO jobs (job_id, study_uid, series_uid, model_key, state, stages, priority) "
+                "VALUES (?,?,?,?,?,?,?) "
                 "ON CONFLICT(job_id) DO UPDATE SET state=excluded.state, reason='', stages=excluded.stages, "
-                "batches=0, shared_batches=0, outputs='[]'",
+                "batches=0, shared_batches=0, outputs='[]', priority=excluded.priority",
                 (
                     spec.job_id,
                     spec.study_uid,
@@ -126,6 +133,7 @@ class SqliteJobStore(SqliteDatabase):
                     spec.model_key,
                     JobState.QUEUED.value,
                     json.dumps(stages),
+                    spec.priority.value,
                 ),
             )
 
@@ -204,6 +212,7 @@ class SqliteJobStore(SqliteDatabase):
                 outputs=tuple(json.loads(r["outputs"])),
                 deliveries=self._deliveries(r["job_id"]),
                 shadow=self._shadow(r["job_id"]),
+                priority=Priority(r["priority"]),
             )
             for r in rows.fetchall()
         )

@@ -224,7 +224,7 @@ def test_metrics_show_every_stage(stack: tuple[RadaiServer, Pacs]) -> None:
     server, _ = stack
     text = server.get("/metrics").text
     for stage in ("received", "complete", "queued", "inferred", "encoded", "delivered"):
-        counts = re.findall(rf'radai_stage_seconds_count\{{[^}}]*stage="{stage}"[^}}]*\}} (\S+)', text)
+        counts = re.findall(rf'radai_study_stage_seconds_count\{{[^}}]*stage="{stage}"[^}}]*\}} (\S+)', text)
         assert counts and sum(float(c) for c in counts) > 0, stage
     assert re.search(r"radai_scheduler_batch_size_count\{[^}]*\} [1-9]", text)
     assert "radai_scheduler_queue_depth" in text

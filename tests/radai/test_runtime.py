@@ -113,14 +113,21 @@ def test_missing_onnxruntime_fails_at_creation_not_mid_job(
 
 def test_unknown_backend_error_names_the_known_ones(tmp_path: Path) -> None:
     with pytest.raises(
-        InferenceError, match=r"unknown runtime backend 'openvino' \(known: fake, onnx, tensorrt, torch\)"
+        InferenceError,
+        match=r"unknown runtime backend 'openvino' \(known: fake, onnx, tensorrt, torch, triton\)",
     ):
         create_runner("openvino", tmp_path / "m.onnx")
 
 
 def test_available_backends_lists_installed_ones() -> None:
-    assert known_backends() == ["fake", "onnx", "tensorrt", "torch"]
-    assert available_backends() == ["fake", "onnx", "tensorrt", "torch"]  # onnxruntime is a dependency
+    assert known_backends() == ["fake", "onnx", "tensorrt", "torch", "triton"]
+    assert available_backends() == [
+        "fake",
+        "onnx",
+        "tensorrt",
+        "torch",
+        "triton",
+    ]  # onnxruntime is a dependency
 
 
 def test_fake_backend_needs_no_model_file_and_is_deterministic(tmp_path: Path) -> None:
