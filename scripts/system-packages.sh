@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Debian packages the tests talk to: DCMTK (storescu/echoscu/storescp, a real PACS client and receiver),
 # dicom3tools (dciodvfy, IOD validation) and Orthanc with its DICOMweb plugin (a real PACS and STOW-RS
-# server; the tests start their own instance on free loopback ports). Installs only what is missing.
+# server; the tests start their own instance on free loopback ports) and Prometheus (scrapes radai in an
+# integration test, on loopback). Installs only what is missing.
 set -euo pipefail
 need=()
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
+command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
