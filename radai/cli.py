@@ -51,10 +51,20 @@ def main_options(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+    log_format: Annotated[
+        str,
+        typer.Option(
+            "--log-format",
+            envvar="RADAI_LOG_FORMAT",
+            help="text (one line per record) or json (one JSON object per line, for log collectors).",
+        ),
+    ] = "text",
 ) -> None:
     from radai.logs import configure
 
-    configure(log_level)
+    if log_format not in ("text", "json"):
+        raise typer.BadParameter(f"{log_format!r} is not text or json", param_hint="--log-format")
+    configure(log_level, log_format)
 
 
 @app.command()

@@ -66,6 +66,7 @@ def radai_serve(
     dicom_port: int | None = None,
     destinations: list[dict[str, object]] | None = None,
     extra: dict[str, dict[str, object]] | None = None,
+    options: tuple[str, ...] = (),
 ) -> Iterator[RadaiServer]:
     """`radai serve -c radai.yaml` in a subprocess with the minimal administrator's config file; the
     destination is `pacs` unless `destinations` are given."""
@@ -91,7 +92,11 @@ def radai_serve(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RADAI_")}
     with server.log.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "radai", "serve", "-c", str(cfg)], env=env, cwd=tmp, stdout=log, stderr=log
+            [sys.executable, "-m", "radai", *options, "serve", "-c", str(cfg)],
+            env=env,
+            cwd=tmp,
+            stdout=log,
+            stderr=log,
         )
         try:
             wait_for(lambda: proc.poll() is not None or _ready(server), 120, "radai to become ready")
