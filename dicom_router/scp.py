@@ -55,6 +55,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event, EventHandlerType
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from dicom_router.events import Peer, ScpObserver, notify_association, notify_stored
 from dicom_router.headers import InstanceHeader, header_from_encoded
 from dicom_router.netguard import (
     DEFAULT_MAX_ASSOCIATION_S,
@@ -133,6 +134,7 @@ class ScpOptions:
     max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_association_s: float = DEFAULT_MAX_ASSOCIATION_S
+    observer: ScpObserver | None = None
 
     def as_kwargs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -145,7 +147,9 @@ class StoreSCP:
     ``tls``, ``max_associations``, ``max_connections`` (default 4 x max_associations), the timeouts
     in seconds (``network_timeout_s`` is also the idle timeout of an association and the time one PDU may
     take to arrive), ``max_pdu_size``, ``max_inflated_bytes``, ``max_message_bytes`` (largest data set as
-    received) and ``max_association_s`` (longest association). Invalid values raise ValueError."""
+    received), ``max_association_s`` (longest association) and ``observer`` (told of every association
+    accepted or rejected and every C-STORE answered: see :mod:`dicom_router.events`). Invalid values raise
+    ValueError."""
 
     def __init__(
         self,
@@ -170,6 +174,7 @@ class StoreSCP:
         max_inflated_bytes: int = DEFAULT_MAX_INFLATED_BYTES,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_association_s: float = DEFAULT_MAX_ASSOCIATION_S,
+        observer: ScpObserver | None = None,
     ) -> None:
         if max_associations < 1:
             raise ValueError("max_associations must be at least 1")
@@ -208,6 +213,7 @@ class StoreSCP:
         # abort event (e.g. its DUL thread died) leaves no entry behind.
         self._studies: weakref.WeakKeyDictionary[Association, set[str]] = weakref.WeakKeyDictionary()
         self._studies_lock = threading.Lock()
+        self._observer = observer
 
     @property
     def ae_title(self) -> str:
@@ -241,6 +247,7 @@ class StoreSCP:
             handlers: list[EventHandlerType] = [
                 (evt.EVT_REQUESTED, self._handle_requested),
                 (evt.EVT_REJECTED, self._handle_rejected),
+                (evt.EVT_ACCEPTED, self._handle_accepted),
                 (evt.EVT_C_STORE, self._handle_store),
                 (evt.EVT_RELEASED, self._handle_released),
                 (evt.EVT_ABORTED, self._handle_aborted),
@@ -288,23 +295,27 @@ class StoreSCP:
             refusal = self._refusal(assoc, calling, called, ip)
         except Exception:  # fail closed: pynetdicom would log a handler error and accept
             log.exception("admission check failed")
-            refusal = (0x02, 0x01, 0x01), "admission check failed"  # transient, service-user, no reason
+            # transient, service-user, no reason given
+            refusal = (0x02, 0x01, 0x01), "admission check failed", "admission_error"
         if refusal is None:
             return
-        rejection, why = refusal
+        rejection, why, reason = refusal
         log.warning("association from %s (%s) to %s rejected: %s", calling, ip, called, why)
+        notify_association(self._observer, Peer(calling, ip), False, reason)
         assoc.acse.send_reject(*rejection)
         assoc.kill()  # as pynetdicom does after its own rejections: waits until the A-ASSOCIATE-RJ is out
 
     def _refusal(
         self, assoc: Association, calling: str, called: str, ip: str
-    ) -> tuple[tuple[int, int, int], str] | None:
+    ) -> tuple[tuple[int, int, int], str, str] | None:
+        """None to admit, else (A-ASSOCIATE-RJ result/source/diagnostic, log text, bounded reason)."""
         if self._require_called_ae and called != self._ae_title.strip():
-            return REJECT_CALLED_AE, "called AE title not recognised"
+            return REJECT_CALLED_AE, "called AE title not recognised", "called_ae"
         if not is_allowed(self._allowed, calling, ip):
-            return REJECT_CALLING_AE, "calling AE title not recognised (not on the allow-list)"
+            return REJECT_CALLING_AE, "calling AE title not recognised (not on the allow-list)", "not_allowed"
         if not self._admit(assoc):
-            return REJECT_LOCAL_LIMIT, f"local limit exceeded ({self._max_associations} associations)"
+            limit = f"local limit exceeded ({self._max_associations} associations)"
+            return REJECT_LOCAL_LIMIT, limit, "limit"
         return None
 
     def _admit(self, assoc: Association) -> bool:
@@ -327,14 +338,22 @@ class StoreSCP:
             getattr(primitive, "result_source", "?"),
             getattr(primitive, "diagnostic", "?"),
         )
+        notify_association(self._observer, _peer(event), False, "dicom_stack")
+
+    def _handle_accepted(self, event: Event) -> None:
+        """EVT_ACCEPTED handler: tell the observer."""
+        notify_association(self._observer, _peer(event), True, "none")
 
     def _handle_store(self, event: Event) -> int:
         """EVT_C_STORE handler: never raises, always answers with a deliberate status."""
         try:
-            return int(self._store(event))
+            status = self._store(event)
         except Exception:  # last resort: a bug must not crash the association thread
             log.exception("C-STORE failed unexpectedly; answering PROCESSING_FAILURE")
-            return int(Status.PROCESSING_FAILURE)
+            status = Status.PROCESSING_FAILURE
+        if self._observer is not None:
+            notify_stored(self._observer, _peer(event), status.name.lower(), _received_size(event))
+        return int(status)
 
     def _handle_released(self, event: Event) -> None:
         """EVT_RELEASED handler: report the association's studies; never raises."""
@@ -433,6 +452,19 @@ class StoreSCP:
             )
             return Status.OUT_OF_RESOURCES
         return None
+
+
+def _peer(event: Event) -> Peer:
+    return Peer(str(event.assoc.requestor.ae_title).strip(), peer_ip(event.assoc))
+
+
+def _received_size(event: Event) -> int:
+    """Bytes of the data set as received (before any inflation), 0 when there is none."""
+    dataset = getattr(event.request, "DataSet", None)
+    if not isinstance(dataset, BytesIO):
+        return 0
+    with dataset.getbuffer() as view:
+        return view.nbytes
 
 
 def _part10(event: Event, calling_ae: str) -> bytes:

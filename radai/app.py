@@ -14,10 +14,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dicom_router.events import ScpObserver
 from dicom_router.receiver import Receiver
 from dicom_router.scp import ScpOptions
 from dicom_router.security import AllowedPeer
 from radai.api.auth import Tokens
+from radai.audit import NO_AUDIT, Auditor, Event
 from radai.config import DestinationSettings, DicomSettings, Settings
 from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy, plan_from_settings
 from radai.errors import ConfigError, NotFoundError
@@ -25,15 +27,18 @@ from radai.hosting import HostOptions, ModelHost
 from radai.models.archive import ArchiveLimits, extract_package
 from radai.models.registry import ModelPackage, RunnerFactory, validate_package
 from radai.ports import ModelRunner, ResultSender
+from radai.reception import NamedPeer, ReceptionObserver
 from radai.runtime import RUNTIME_OPTIONS, create_runner
 from radai.scheduling.loop import BatchRecord
 from radai.senders import DicomSender, router_tls
 from radai.storage.model_store import Entry, ModelStore
 from radai.storage.sqlite import SqliteJobStore
+from radai.storage.sqlite_audit import SqliteAuditLog
 from radai.stow import StowSender
 from radai.workflow import Workflow
 
 log = logging.getLogger(__name__)
+API_ADMIN = "api:admin"  # the actor of audit records made through the HTTP API's admin routes
 
 
 def describe(runner: ModelRunner) -> str:
@@ -48,12 +53,20 @@ def make_runner_factory(device: str) -> RunnerFactory:
     return factory
 
 
-def scp_options(dicom: DicomSettings) -> ScpOptions:
+def named_senders(dicom: DicomSettings) -> list[NamedPeer]:
+    """The allow-list entries with the names they carry in metrics and the audit log."""
+    return [
+        NamedPeer(p.name or p.ae_title, AllowedPeer(p.ae_title, p.network)) for p in dicom.allowed_peers or ()
+    ]
+
+
+def scp_options(dicom: DicomSettings, observer: ScpObserver | None = None) -> ScpOptions:
     """The DICOM receiver's security and limits, from the `dicom:` settings."""
     allowed = None
     if dicom.allowed_peers is not None:
         allowed = [AllowedPeer(p.ae_title, p.network) for p in dicom.allowed_peers]
     return ScpOptions(
+        observer=observer,
         allowed=allowed,
         require_called_ae=dicom.require_called_ae,
         tls=router_tls(dicom.tls),
@@ -117,9 +130,12 @@ class RegistryAdmin:
     """The registry writes of the HTTP API (radai.api.models.ModelAdmin): each takes effect in the running
     server at once (the host reconciles right after), without a restart."""
 
-    def __init__(self, registry: ModelStore, host: ModelHost | None, settings: Settings) -> None:
+    def __init__(
+        self, registry: ModelStore, host: ModelHost | None, settings: Settings, audit: Auditor = NO_AUDIT
+    ) -> None:
         self._registry = registry
         self._host = host
+        self._audit = audit
         self.max_upload_bytes = settings.models.max_upload_bytes
         self._validate = make_validator(settings.scheduler.device)
 
@@ -134,11 +150,14 @@ class RegistryAdmin:
     def add_archive(self, archive: Path, workdir: Path) -> tuple[dict[str, Any], bool]:
         limits = ArchiveLimits(max_total_bytes=self.max_upload_bytes)
         added = self._registry.add(extract_package(archive, workdir, limits), self._validate)
+        if added.new:
+            self._audit(Event.MODEL_ADDED, API_ADMIN, added.entry.key)
         self._sync()
         return model_view(self._registry.find(added.entry.key)), added.new
 
     def activate(self, ref: str) -> dict[str, Any]:
         entry = self._registry.activate(ref)
+        self._audit(Event.MODEL_ACTIVATED, API_ADMIN, entry.key)
         self._sync()
         return model_view(entry)
 
@@ -146,14 +165,18 @@ class RegistryAdmin:
         if version is None:
             if not self._registry.clear_shadow(model_id):
                 raise NotFoundError(f"model {model_id!r} has no shadow version")
+            self._audit(Event.MODEL_SHADOW, API_ADMIN, model_id, "off")
             self._sync()
             return None
         entry = self._registry.set_shadow(f"{model_id}@{version}")
+        self._audit(Event.MODEL_SHADOW, API_ADMIN, entry.key, "on")
         self._sync()
         return model_view(entry)
 
     def remove(self, ref: str) -> list[str]:
         removed = self._registry.remove(ref)
+        for key in removed:
+            self._audit(Event.MODEL_REMOVED, API_ADMIN, key)
         self._sync()
         return removed
 
@@ -186,6 +209,8 @@ class Server:
         RUNTIME_OPTIONS.tensorrt_fp16 = settings.scheduler.tensorrt_fp16
         RUNTIME_OPTIONS.triton_url = settings.scheduler.triton_url
         self.store = SqliteJobStore(settings.storage.database)
+        self.audit_log = SqliteAuditLog(settings.storage.database)
+        self.audit = Auditor(self.audit_log)
         self.registry = model_store(settings)
         self.host = ModelHost(
             self.registry,
@@ -214,6 +239,7 @@ class Server:
             {d.name: RetryPolicy.from_settings(d) for d in settings.destinations},
             {d.name: plan_from_settings(d) for d in settings.destinations},
             poll_seconds=settings.delivery.poll_seconds,
+            audit=self.audit,
         )
         self.probe = DestinationProbe(senders, ttl_seconds=settings.delivery.echo_cache_seconds)
         self.workflow = Workflow(
@@ -237,7 +263,9 @@ class Server:
             spool_max_used_fraction=settings.storage.spool_max_used_fraction,
             spool_min_free_bytes=settings.storage.spool_min_free_bytes,
             rules=settings.completion.rules(),
-            scp_options=scp_options(settings.dicom),
+            scp_options=scp_options(
+                settings.dicom, ReceptionObserver(named_senders(settings.dicom), self.audit)
+            ),
         )
 
     def _sender(self, dest: DestinationSettings) -> ResultSender:
@@ -302,6 +330,7 @@ class Server:
         self.delivery.stop()
         self.host.stop()
         self.store.close()
+        self.audit_log.close()
         log.info("radai stopped")
 
 
@@ -314,8 +343,8 @@ def serve(settings: Settings) -> None:
     server = Server(settings)
     server.start()
     try:
-        admin = RegistryAdmin(server.registry, server.host, settings)
-        api = create_api(server.store, server.readiness, admin, api_tokens(settings))
+        admin = RegistryAdmin(server.registry, server.host, settings, server.audit)
+        api = create_api(server.store, server.readiness, admin, api_tokens(settings), server.audit_log)
         uvicorn.run(api, host=settings.api.host, port=settings.api.port, log_level="warning")
     finally:
         server.stop()

@@ -51,6 +51,8 @@ class AllowedPeer(BaseModel):
     model_config = _SECTION
     ae_title: str = Field(pattern=_AE)
     network: str
+    # The sender's name in metrics and the audit log (default: its AE title); senders not listed are 'unlisted'.
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
 
     @field_validator("network")
     @classmethod

@@ -23,6 +23,7 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 
 from radai import metrics
+from radai.audit import NO_AUDIT, Auditor, Event
 from radai.config import DestinationSettings
 from radai.domain import DeliveryRecord, DeliveryState
 from radai.errors import RadaiError
@@ -119,8 +120,10 @@ class DeliveryService:
         *,
         clock: Clock = time.time,
         poll_seconds: float = 0.5,
+        audit: Auditor = NO_AUDIT,
     ) -> None:
         self._queue = queue
+        self._audit = audit
         self._senders = {s.name: s for s in senders}
         if len(self._senders) != len(senders):
             raise ValueError("destination names must be unique")
@@ -204,7 +207,25 @@ class DeliveryService:
                     self._outbox.remove(record.job_id)
         if state is DeliveryState.DELIVERED:
             log.info("job %s: delivered to %s (attempt %d)", record.job_id, destination, attempts)
+            self._audit(
+                Event.RESULT_DELIVERED,
+                "radai",
+                record.job_id,
+                "delivered",
+                destination=destination,
+                attempts=str(attempts),
+                files=str(len(record.files)),
+            )
         elif state is DeliveryState.DEAD:
+            self._audit(
+                Event.RESULT_DEAD_LETTERED,
+                "radai",
+                record.job_id,
+                "dead",
+                destination=destination,
+                attempts=str(attempts),
+                error=error,
+            )
             log.warning(
                 "job %s: delivery to %s dead-lettered after %d attempt(s): %s",
                 record.job_id,

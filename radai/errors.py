@@ -41,3 +41,7 @@ class DeliveryError(RadaiError):
 
 class NotFoundError(RadaiError):
     """A requested study, job or model does not exist."""
+
+
+class AuditTamperedError(RadaiError):
+    """The audit log's hash chain is broken: a record was changed or removed outside radai."""

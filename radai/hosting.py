@@ -147,6 +147,7 @@ class ModelHost:
             aging_s=self._options.aging_s,
             timeout_s=self._options.timeout_s,
             in_flight=self._options.in_flight,
+            backend=card.runtime.backend,
         )
         scheduler.start()
         where = "; ".join(_describe(r) for r in runners)

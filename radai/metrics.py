@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -29,8 +34,22 @@ STUDY_SECONDS = Histogram(
 )
 INSTANCES_RECEIVED = Counter(
     "radai_instances_received_total",
-    "C-STORE requests answered, by outcome",
-    ["outcome"],
+    "C-STORE requests answered, by configured sender name (the allow-list entry's name; 'unlisted' for a "
+    "sender not on it) and outcome (the DIMSE status answered, e.g. success, out_of_resources)",
+    ["sender", "outcome"],
+    registry=REGISTRY,
+)
+BYTES_RECEIVED = Counter(
+    "radai_received_bytes_total",
+    "Bytes of data sets received in C-STORE requests, by configured sender name",
+    ["sender"],
+    registry=REGISTRY,
+)
+ASSOCIATIONS = Counter(
+    "radai_associations_total",
+    "DICOM associations requested of the receiver, by sender name, outcome (accepted, rejected) and reason "
+    "(accepted: 'none'; rejected: called_ae, not_allowed, limit, admission_error, dicom_stack)",
+    ["sender", "outcome", "reason"],
     registry=REGISTRY,
 )
 JOBS = Counter(
@@ -61,6 +80,13 @@ BATCH_WAIT_SECONDS = Histogram(
     "radai_scheduler_wait_seconds",
     "Time the oldest patch of a batch waited in the queue",
     ["model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+INFERENCE_SECONDS = Histogram(
+    "radai_inference_seconds",
+    "Time one runtime call takes, by backend (onnx, tensorrt, torch, triton, fake)",
+    ["backend"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
@@ -113,8 +139,42 @@ SHADOW_RUNS = Counter(
     ["model", "version", "outcome"],
     registry=REGISTRY,
 )
+AUDIT_EVENTS = Counter(
+    "radai_audit_events_total",
+    "Records written to the audit log, by event (association.accepted, model.activated, result.delivered, ...)",
+    ["event"],
+    registry=REGISTRY,
+)
 MODEL_ACTIVATIONS = Counter(
     "radai_model_switches_total",
     "Times a running server switched which versions it serves (activation, shadow, add, remove)",
     registry=REGISTRY,
 )
+
+
+class GpuMemoryCollector(Collector):
+    """`radai_gpu_memory_bytes{device,kind}` at scrape time: `used` and `total` of each CUDA device (the
+    driver's figures, every process included) and `reserved` by this process's PyTorch caching allocator.
+
+    Reported only once torch is loaded and has initialised CUDA (a model runs on the GPU): a scrape never
+    imports torch nor creates a CUDA context. No series at all on a machine without a GPU."""
+
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily(
+            "radai_gpu_memory_bytes",
+            "GPU memory per CUDA device: used and total (driver), reserved (this process's PyTorch allocator)",
+            labels=["device", "kind"],
+        )
+        torch = sys.modules.get("torch")
+        cuda = getattr(torch, "cuda", None)
+        if cuda is not None and cuda.is_available() and cuda.is_initialized():
+            for index in range(cuda.device_count()):
+                free, total = cuda.mem_get_info(index)
+                device = f"cuda:{index}"
+                gauge.add_metric([device, "used"], float(total - free))
+                gauge.add_metric([device, "total"], float(total))
+                gauge.add_metric([device, "reserved"], float(cuda.memory_reserved(index)))
+        yield gauge
+
+
+REGISTRY.register(GpuMemoryCollector())

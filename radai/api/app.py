@@ -10,8 +10,10 @@ from fastapi import Depends, FastAPI, HTTPException, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import radai
+from radai.api.audit import audit_router, audit_writes
 from radai.api.auth import Tokens, require_read
 from radai.api.models import ModelAdmin, models_router
+from radai.audit import AuditLog, Auditor
 from radai.errors import NotFoundError
 from radai.metrics import REGISTRY
 from radai.ports import JobStore
@@ -20,11 +22,19 @@ ReadinessCheck = Callable[[], dict[str, bool]]
 
 
 def create_api(
-    store: JobStore, readiness: ReadinessCheck, models: ModelAdmin, tokens: Tokens | None = None
+    store: JobStore,
+    readiness: ReadinessCheck,
+    models: ModelAdmin,
+    tokens: Tokens | None = None,
+    audit_log: AuditLog | None = None,
 ) -> FastAPI:
+    """The API; with an audit log, every write request is audited and `/api/v1/audit` reads the log."""
     tokens = tokens or Tokens()
     api = FastAPI(title="radai", version=radai.__version__, description="Radiology AI inference server")
     api.include_router(models_router(models, tokens))
+    if audit_log is not None:
+        api.include_router(audit_router(audit_log, tokens))
+        audit_writes(api, Auditor(audit_log), tokens)
     read = [Depends(require_read(tokens))]
 
     @api.get("/livez")

@@ -106,6 +106,7 @@ class Scheduler:
         aging_s: float = 30.0,
         timeout_s: float | None = None,
         in_flight: int = 1,
+        backend: str = "unknown",
     ) -> None:
         """Several runners (one per GPU) share this model's queue, each serving `in_flight` batches at once
         (one worker thread each): on a GPU, 2 overlaps one batch's host-to-device copy and host work with the
@@ -130,6 +131,7 @@ class Scheduler:
         self._m_size = metrics.BATCH_SIZE.labels(model=model)
         self._m_jobs = metrics.BATCH_JOBS.labels(model=model)
         self._m_run = metrics.BATCH_SECONDS.labels(model=model)
+        self._m_backend = metrics.INFERENCE_SECONDS.labels(backend=backend)
         self._m_wait = metrics.BATCH_WAIT_SECONDS.labels(model=model)
         self._m_depth = metrics.QUEUE_DEPTH.labels(model=model)
 
@@ -277,6 +279,7 @@ class Scheduler:
         self._m_size.observe(record.size)
         self._m_jobs.observe(len(job_ids))
         self._m_run.observe(run_s)
+        self._m_backend.observe(run_s)
         self._m_wait.observe(max(record.waited_s, 0.0))
         if self._on_batch is not None:
             try:
