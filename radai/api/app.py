@@ -13,6 +13,7 @@ import radai
 from radai.api.audit import audit_router, audit_writes
 from radai.api.auth import Tokens, require_read
 from radai.api.models import ModelAdmin, models_router
+from radai.api.status import status_router
 from radai.audit import AuditLog, Auditor
 from radai.errors import NotFoundError
 from radai.metrics import REGISTRY
@@ -32,6 +33,7 @@ def create_api(
     tokens = tokens or Tokens()
     api = FastAPI(title="radai", version=radai.__version__, description="Radiology AI inference server")
     api.include_router(models_router(models, tokens))
+    api.include_router(status_router(store, models, readiness))
     if audit_log is not None:
         api.include_router(audit_router(audit_log, tokens))
         audit_writes(api, Auditor(audit_log), tokens)

@@ -15,7 +15,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.routing import Match
 
 from radai.api.auth import Tokens, require_read
 from radai.audit import AuditLog, Auditor, AuditQuery, Event
@@ -64,12 +63,11 @@ def _scope(request: Request, tokens: Tokens) -> str:
     return "anonymous"
 
 
-def _route_template(app: FastAPI, request: Request) -> str:
-    for route in app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is Match.FULL:
-            return str(getattr(route, "path", "unmatched"))
-    return "unmatched"
+def _route_template(request: Request) -> str:
+    """The matched route's path template (the router records the route in the scope it shares)."""
+    route = request.scope.get("route")
+    path = getattr(route, "path_format", None) or getattr(route, "path", None)
+    return str(path) if path else "unmatched"
 
 
 def audit_writes(app: FastAPI, audit: Auditor, tokens: Tokens) -> None:
@@ -83,7 +81,7 @@ def audit_writes(app: FastAPI, audit: Auditor, tokens: Tokens) -> None:
                 audit,
                 Event.API_WRITE,
                 f"api:{_scope(request, tokens)}",
-                _route_template(app, request),
+                _route_template(request),
                 str(response.status_code),
                 method=request.method,
             )

@@ -1,6 +1,6 @@
 """Privacy: fake patient names, IDs, birth dates and accession numbers planted in real studies (one that is
-processed, one whose job fails) never appear in radai's logs (JSON, at DEBUG), its metrics, its API answers
-or its API error bodies."""
+processed, one whose job fails) never appear in radai's logs (JSON, at DEBUG), its metrics, its API answers,
+its API error bodies, its audit records or its status page."""
 
 from __future__ import annotations
 
@@ -72,7 +72,10 @@ def test_planted_patient_values_appear_in_no_log_metric_or_api_answer(tmp_path: 
             s.get(f"/api/v1/studies/{failing_uid}").text,
             s.get("/api/v1/studies/1.2.999.404").text,  # an error body
             s.get("/api/v1/models").text,
+            s.get("/api/v1/audit?limit=1000").text,
+            s.get("/status").text,
         ]
+        assert "association.accepted" in answers[-2]  # the audit log was read
         failed_job = s.get(f"/api/v1/studies/{failing_uid}").json()["jobs"][0]
         assert failed_job["state"] == "failed" and failed_job["reason"]  # the failure path ran
     log = s.log.read_text()
