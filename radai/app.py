@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,7 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._stopping = threading.Event()
         RUNTIME_OPTIONS.tensorrt_cache = settings.storage.data_dir / "tensorrt"
         RUNTIME_OPTIONS.tensorrt_fp16 = settings.scheduler.tensorrt_fp16
         RUNTIME_OPTIONS.triton_url = settings.scheduler.triton_url
@@ -315,6 +317,7 @@ class Server:
         for job_id in self.store.unsettled_jobs():
             self.workflow.delivery_settled(job_id)
         self.receiver.start()
+        threading.Thread(target=self._probe_destinations, name="radai-destination-probe", daemon=True).start()
         log.info(
             "radai listening as %s on %s:%d; models: %s",
             self.settings.dicom.ae_title,
@@ -323,7 +326,18 @@ class Server:
             ", ".join(p.key for p in self.host.active),
         )
 
+    def _probe_destinations(self) -> None:
+        """C-ECHO every destination each `delivery.echo_cache_seconds` (at least 5 s), so that
+        radai_destination_up stays current without anyone polling /readyz."""
+        interval = max(self.settings.delivery.echo_cache_seconds, 5.0)
+        while not self._stopping.wait(interval):
+            try:
+                self.probe.checks()
+            except Exception:  # a sender bug must not end the probe
+                log.exception("destination probe failed")
+
     def stop(self) -> None:
+        self._stopping.set()
         log.info("radai stopping: no new associations; finishing running jobs")
         self.receiver.stop()
         self.workflow.close()

@@ -121,7 +121,7 @@ DELIVERIES_DEAD = Gauge(
 )
 DESTINATION_UP = Gauge(
     "radai_destination_up",
-    "1 when the destination answered the last C-ECHO of the readiness check, else 0",
+    "1 when the destination answered the last C-ECHO (echoed in the background and by /readyz), else 0",
     ["destination"],
     registry=REGISTRY,
 )
