@@ -23,6 +23,7 @@ from radai.api.auth import Tokens
 from radai.audit import NO_AUDIT, Auditor, Event
 from radai.config import DestinationSettings, DicomSettings, Settings
 from radai.delivery import DeliveryService, DestinationProbe, Outbox, RetryPolicy, plan_from_settings
+from radai.destination_admin import ServerDestinations
 from radai.errors import ConfigError, NotFoundError
 from radai.hosting import HostOptions, ModelHost
 from radai.models.archive import ArchiveLimits, extract_package
@@ -244,6 +245,7 @@ class Server:
             audit=self.audit,
         )
         self.probe = DestinationProbe(senders, ttl_seconds=settings.delivery.echo_cache_seconds)
+        self.destinations = ServerDestinations(settings.destinations, senders, self.probe, self.store)
         self.workflow = Workflow(
             self.host,
             self.delivery,
@@ -353,12 +355,21 @@ def serve(settings: Settings) -> None:
     import uvicorn
 
     from radai.api.app import create_api
+    from radai.api.studies import retry_dead_deliveries
 
     server = Server(settings)
     server.start()
     try:
         admin = RegistryAdmin(server.registry, server.host, settings, server.audit)
-        api = create_api(server.store, server.readiness, admin, api_tokens(settings), server.audit_log)
+        api = create_api(
+            server.store,
+            server.readiness,
+            admin,
+            api_tokens(settings),
+            server.audit_log,
+            destinations=server.destinations,
+            retry=retry_dead_deliveries(server.store),
+        )
         uvicorn.run(api, host=settings.api.host, port=settings.api.port, log_level="warning")
     finally:
         server.stop()

@@ -14,6 +14,7 @@ import typer
 
 import radai
 from radai.config import Settings, load_settings
+from radai.domain import StudyState
 from radai.errors import RadaiError
 
 if TYPE_CHECKING:
@@ -28,6 +29,8 @@ models_app = typer.Typer(
 studies_app = typer.Typer(no_args_is_help=True, help="Studies received, their jobs and deliveries.")
 app.add_typer(models_app, name="models")
 app.add_typer(studies_app, name="studies")
+audit_app = typer.Typer(no_args_is_help=True, help="The audit log: who did what, when (append-only).")
+app.add_typer(audit_app, name="audit")
 
 ConfigOpt = Annotated[
     Path | None,
@@ -103,6 +106,18 @@ def _registry(config: Path | None) -> ModelStore:
     return model_store(_settings(config))
 
 
+def _audit(config: Path | None, event: str, subject: str, outcome: str = "ok") -> None:
+    """One audit record for a registry change made on the command line (actor `cli:<login name>`)."""
+    from radai.audit import Auditor, Event, cli_actor
+    from radai.storage.sqlite_audit import SqliteAuditLog
+
+    log = SqliteAuditLog(_settings(config).storage.database)
+    try:
+        Auditor(log)(Event(event), cli_actor(), subject, outcome)
+    finally:
+        log.close()
+
+
 def _describe(entry: Entry) -> str:
     c = entry.package.card
     state = "active" if entry.active else "shadow" if entry.shadow else "-"
@@ -154,6 +169,8 @@ def models_add(
             folder = extract_package(path, Path(tmp) / "unpacked", limits)
         added = registry.add(folder, make_validator(settings.scheduler.device))
     entry = added.entry
+    if added.new:
+        _audit(config, "model.added", entry.key)
     if not added.new:
         typer.echo(f"{entry.key}: already registered with the same weights; nothing changed")
     elif entry.active:
@@ -166,6 +183,7 @@ def models_add(
 def models_activate(ref: Annotated[str, typer.Argument(help="ID@VERSION")], config: ConfigOpt = None) -> None:
     """Switch new jobs of a model to this version; jobs already running finish on theirs."""
     entry = _registry(config).activate(ref)
+    _audit(config, "model.activated", entry.key)
     typer.echo(f"{entry.key}: active (a running server switches within models.poll_seconds)")
 
 
@@ -184,9 +202,11 @@ def models_shadow(
         model_id, _ = parse_ref(ref)
         if not registry.clear_shadow(model_id):
             raise RadaiError(f"model {model_id!r} has no shadow version")
+        _audit(config, "model.shadow", model_id, "off")
         typer.echo(f"{model_id}: shadow run stopped")
         return
     entry = registry.set_shadow(ref)
+    _audit(config, "model.shadow", entry.key, "on")
     typer.echo(f"{entry.key}: runs in shadow of the active version; its results are never sent")
 
 
@@ -197,6 +217,7 @@ def models_remove(
     """Remove a version (not the active one while others exist) or a whole model. Bundled models are disabled,
     not deleted. Running jobs finish on the version they hold."""
     for item in _registry(config).remove(ref):
+        _audit(config, "model.removed", item)
         typer.echo(f"removed {item}")
 
 
@@ -226,12 +247,42 @@ def _store(config: Path | None) -> SqliteJobStore:
     return SqliteJobStore(db)
 
 
+def _epoch(value: str | None, option: str) -> float | None:
+    """An ISO 8601 date or date-time as epoch seconds; without a timezone it is UTC (as this command prints)."""
+    if value is None:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{value!r} is not an ISO 8601 date or date-time", param_hint=option
+        ) from exc
+    aware = when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+    return (aware - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)).total_seconds()
+
+
 @studies_app.command("list")
 def studies_list(
-    config: ConfigOpt = None, limit: Annotated[int, typer.Option(help="How many, newest first.")] = 50
+    config: ConfigOpt = None,
+    limit: Annotated[int, typer.Option(min=1, help="How many, newest first.")] = 50,
+    state: Annotated[
+        StudyState | None,
+        typer.Option(help="Only studies in this state.", case_sensitive=False),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Only studies with a job of this model: ID (every version) or ID@VERSION."),
+    ] = None,
+    since: Annotated[
+        str | None,
+        typer.Option(
+            help="Only studies complete at or after this ISO 8601 date or date-time, e.g. 2026-11-23 or "
+            "2026-11-23T08:00:00+01:00 (without a timezone: UTC)."
+        ),
+    ] = None,
 ) -> None:
-    """List studies, newest first, with their state and jobs."""
-    studies = _store(config).list_studies(limit)
+    """List studies, newest first, with their state and jobs; optionally filtered by state, model and time."""
+    studies = _store(config).list_studies(limit, state=state, model=model, since=_epoch(since, "--since"))
     if not studies:
         typer.echo("no studies yet")
     for s in studies:
@@ -267,6 +318,52 @@ def studies_retry(
     if not count:
         raise NotFoundError(f"study {uid} has no dead-lettered deliveries")
     typer.echo(f"queued {count} dead-lettered deliveries again; a running `radai serve` sends them")
+
+
+@audit_app.command("list")
+def audit_list(
+    config: ConfigOpt = None,
+    event: Annotated[str | None, typer.Option(help="Only this event, e.g. model.activated.")] = None,
+    after: Annotated[int, typer.Option(help="Records after this sequence number.")] = 0,
+    limit: Annotated[int, typer.Option(help="How many, oldest first.")] = 100,
+) -> None:
+    """Audit records, oldest first: sequence number, time (UTC), event, actor, subject, outcome, details."""
+    from radai.audit import AuditQuery, Event
+    from radai.storage.sqlite_audit import SqliteAuditLog
+
+    if event is not None and event not in {e.value for e in Event}:
+        raise RadaiError(f"unknown event {event!r}; one of: {', '.join(e.value for e in Event)}")
+    db = _settings(config).storage.database
+    if not db.is_file():
+        raise RadaiError(f"no database at {db}: has `radai serve` run with this data_dir?")
+    log = SqliteAuditLog(db)
+    try:
+        records = log.records(AuditQuery(event=event, after=after, limit=limit))
+    finally:
+        log.close()
+    if not records:
+        typer.echo("no audit records")
+    for r in records:
+        details = " ".join(f"{k}={v}" for k, v in r.detail.items())
+        typer.echo(
+            f"{r.seq}\t{_when(r.at)}\t{r.event}\t{r.actor}\t{r.subject}\t{r.outcome}\t{details}".rstrip()
+        )
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None) -> None:
+    """Check the audit log's hash chain: fails naming the first record changed or removed outside radai."""
+    from radai.storage.sqlite_audit import SqliteAuditLog
+
+    db = _settings(config).storage.database
+    if not db.is_file():
+        raise RadaiError(f"no database at {db}: has `radai serve` run with this data_dir?")
+    log = SqliteAuditLog(db)
+    try:
+        count = log.verify()
+    finally:
+        log.close()
+    typer.echo(f"audit log intact: {count} records, hash chain unbroken")
 
 
 def main() -> None:

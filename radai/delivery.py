@@ -321,6 +321,18 @@ class DestinationProbe:
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[float, bool]] = {}
 
+    def last(self, name: str) -> bool | None:
+        """The cached result for `name`, without any network; None if never checked."""
+        with self._lock:
+            cached = self._cache.get(name)
+        return None if cached is None else cached[1]
+
+    def record(self, name: str, up: bool) -> None:
+        """A fresh echo's result (the API's echo test), cached as if /readyz had checked it now."""
+        with self._lock:
+            self._cache[name] = (self._clock(), up)
+        metrics.DESTINATION_UP.labels(destination=name).set(1 if up else 0)
+
     def checks(self) -> dict[str, bool]:
         out: dict[str, bool] = {}
         with self._lock:

@@ -69,7 +69,19 @@ class JobStore(Protocol):
 
     def record_shadow(self, record: ShadowRecord) -> None: ...
 
-    def list_studies(self, limit: int = 100) -> list[StudyRecord]: ...
+    def list_studies(
+        self,
+        limit: int = 100,
+        *,
+        state: StudyState | None = None,
+        job_state: JobState | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[StudyRecord]:
+        """Newest first; `model` is an id (every version) or id@version, `since`/`until` epoch seconds of
+        the study's completion (since inclusive, until exclusive)."""
+        ...
 
     def get_study(self, study_uid: str) -> StudyRecord: ...
 

@@ -230,11 +230,49 @@ class SqliteJobStore(SqliteDatabase):
             jobs=self._jobs(r["study_uid"]),
         )
 
-    def list_studies(self, limit: int = 100) -> list[StudyRecord]:
+    def list_studies(
+        self,
+        limit: int = 100,
+        *,
+        state: StudyState | None = None,
+        job_state: JobState | None = None,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+    ) -> list[StudyRecord]:
+        """Studies newest first (by the time they were complete), filtered in SQL: `state` of the study;
+        `model` (an id, or id@version) and `job_state`: the study has a job of that model and/or in that state
+        (both: one job with both); `since` <= completed_at < `until` (epoch seconds)."""
+        where: list[str] = []
+        params: list[str | float] = []
+        if state is not None:
+            where.append("s.state = ?")
+            params.append(state.value)
+        if since is not None:
+            where.append("s.completed_at >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("s.completed_at < ?")
+            params.append(until)
+        job: list[str] = []
+        if model is not None:
+            # model_key is id@version: an id matches every version of it (compared exactly, unlike LIKE).
+            job.append("(j.model_key = ? OR substr(j.model_key, 1, length(?) + 1) = ? || '@')")
+            params.extend((model, model, model))
+        if job_state is not None:
+            job.append("j.state = ?")
+            params.append(job_state.value)
+        if job:
+            where.append(
+                f"EXISTS (SELECT 1 FROM jobs j WHERE j.study_uid = s.study_uid AND {' AND '.join(job)})"
+            )
+        sql = "SELECT s.* FROM studies s"
+        if where:
+            sql += " WHERE " + " AND ".join(where)  # fixed fragments only; every value is a parameter
+        sql += " ORDER BY s.completed_at DESC, s.rowid DESC LIMIT ?"
+        params.append(limit)
         with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM studies ORDER BY completed_at DESC LIMIT ?", (limit,)
-            ).fetchall()
+            rows = self._db.execute(sql, params).fetchall()
             return [self._study(r) for r in rows]
 
     def get_study(self, study_uid: str) -> StudyRecord:

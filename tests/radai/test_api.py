@@ -12,6 +12,7 @@ from radai.config import Settings, bundled_models_dir
 from radai.domain import JobSpec, StudyRecord, StudyState
 from radai.storage.model_store import ModelStore
 from radai.storage.sqlite import SqliteJobStore
+from tests.radai.api_parts import no_destinations
 
 
 def client(tmp_path: Path, ready: bool = True) -> tuple[TestClient, SqliteJobStore]:
@@ -19,7 +20,8 @@ def client(tmp_path: Path, ready: bool = True) -> tuple[TestClient, SqliteJobSto
     zoo = bundled_models_dir()
     registry = ModelStore(tmp_path / "models", [zoo] if zoo else [])
     admin = RegistryAdmin(registry, None, Settings())
-    api = create_api(store, lambda: {"database": store.ping(), "models_loaded": ready}, admin)
+    readiness = lambda: {"database": store.ping(), "models_loaded": ready}  # noqa: E731
+    api = create_api(store, readiness, admin, **no_destinations(store))
     return TestClient(api), store
 
 

@@ -15,6 +15,7 @@ from radai.config import Settings, load_settings
 from radai.errors import ConfigError
 from radai.storage.model_store import ModelStore
 from radai.storage.sqlite import SqliteJobStore
+from tests.radai.api_parts import no_destinations
 
 ADMIN = "q7Vx2mKp9LwZ4tRb8Nc3"
 READ = "h5Jd8sFq2XkW9pLm4Ty6"
@@ -23,7 +24,7 @@ READ = "h5Jd8sFq2XkW9pLm4Ty6"
 def client(tmp_path: Path, tokens: Tokens) -> TestClient:
     store = SqliteJobStore(tmp_path / "db.sqlite")
     admin = RegistryAdmin(ModelStore(tmp_path / "registry"), None, Settings())
-    return TestClient(create_api(store, lambda: {"database": True}, admin, tokens))
+    return TestClient(create_api(store, lambda: {"database": True}, admin, tokens, **no_destinations(store)))
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -12,11 +12,18 @@ from schemathesis.checks import not_a_server_error
 
 from radai.api.app import create_api
 from radai.api.auth import Tokens
+from radai.api.studies import retry_dead_deliveries
 from radai.app import RegistryAdmin
-from radai.config import Settings
+from radai.audit import Event
+from radai.config import DestinationSettings, Settings
+from radai.delivery import DestinationProbe
+from radai.destination_admin import ServerDestinations
 from radai.domain import JobSpec, StudyRecord, StudyState
+from radai.senders import DicomSender
 from radai.storage.model_store import ModelStore
 from radai.storage.sqlite import SqliteJobStore
+from radai.storage.sqlite_audit import SqliteAuditLog
+from tests.dicom_router.peers import free_port
 from tests.radai.model_packages import threshold_package
 
 ADMIN = "Zr8Kq3Wn6Tb9Xm2Lc5Vp"
@@ -32,7 +39,21 @@ def _app() -> object:
     threshold_package(_DIR / "bundled" / "threshold")
     settings_ = Settings.model_validate({"models": {"max_upload_bytes": 4096}})
     admin = RegistryAdmin(registry, None, settings_)
-    return create_api(store, lambda: {"database": True}, admin, Tokens(admin=ADMIN, read=READ))
+    # One destination on a closed loopback port: its echo test answers at once (connection refused).
+    destination = DestinationSettings(name="pacs", ae_title="PACS", host="127.0.0.1", port=free_port())
+    sender = DicomSender(destination, "RADAI", echo_timeout_s=2.0)
+    destinations = ServerDestinations([destination], [sender], DestinationProbe([sender]), store)
+    audit = SqliteAuditLog(_DIR / "db.sqlite")
+    audit.append(Event.MODEL_ADDED, "cli:ops", "threshold@1.0.0", "ok")
+    return create_api(
+        store,
+        lambda: {"database": True},
+        admin,
+        Tokens(admin=ADMIN, read=READ),
+        audit,
+        destinations=destinations,
+        retry=retry_dead_deliveries(store),
+    )
 
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", _app())

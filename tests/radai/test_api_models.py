@@ -17,6 +17,7 @@ from radai.app import RegistryAdmin
 from radai.config import Settings
 from radai.storage.model_store import ModelStore
 from radai.storage.sqlite import SqliteJobStore
+from tests.radai.api_parts import no_destinations
 from tests.radai.model_packages import threshold_package
 
 TOKEN = "Tq4Lz8Wm2Rx6Hv9Kb3Nj"
@@ -30,7 +31,8 @@ def client(tmp_path: Path, token: str | None = TOKEN, max_upload: int = 64 * 102
         {"api": {"admin_token": token}, "models": {"max_upload_bytes": max_upload}}
     )
     tokens = Tokens(admin=token)
-    return TestClient(create_api(store, dict, RegistryAdmin(registry, None, settings), tokens))
+    admin = RegistryAdmin(registry, None, settings)
+    return TestClient(create_api(store, dict, admin, tokens, **no_destinations(store)))
 
 
 def zipped(folder: Path) -> bytes:
