@@ -1,5 +1,6 @@
 """A real Prometheus (Debian `prometheus`, on loopback) scrapes a running `radai serve` while a real CT study
-goes storescu -> radai -> storescp; PromQL over the stage histograms returns one series per pipeline stage."""
+goes storescu -> radai -> storescp; PromQL over the stage histograms returns one series per pipeline stage,
+and the shipped recording rules and alerts load and evaluate on the live data."""
 
 from __future__ import annotations
 
@@ -26,16 +27,19 @@ pytestmark = [
     ),
 ]
 CT_1004 = CRLM / "CRLM-CT-1004" / "image"
+RULES = Path(__file__).resolve().parents[2] / "deploy" / "monitoring" / "radai-rules.yaml"
 STAGES = {"received", "complete", "queued", "inferred", "encoded", "delivered"}
 
 
 @contextmanager
 def prometheus(tmp: Path, target_port: int) -> Iterator[str]:
-    """Prometheus scraping 127.0.0.1:<target_port>/metrics every second; yields its base URL."""
+    """Prometheus scraping 127.0.0.1:<target_port>/metrics every second with radai's recording rules and
+    alerts (deploy/monitoring) evaluated every second; yields its base URL."""
     port = free_port()
     config = tmp / "prometheus.yml"
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{RULES}']\n"
         "scrape_configs:\n"
         f"  - job_name: radai\n    static_configs: [{{targets: ['127.0.0.1:{target_port}']}}]\n"
     )
@@ -114,3 +118,12 @@ def test_prometheus_scrapes_the_stage_histograms_of_a_real_study(tmp_path: Path)
         series = httpx.get(f"{prom}/api/v1/series", params={"match[]": '{job="radai"}'}, timeout=10).json()
         label_values = {str(v) for s in series["data"] for v in s.values()}
         assert study_uid not in label_values and label_values
+
+        # The shipped rules load and evaluate on live data (their values are proven by `promtool test rules`
+        # in tests/monitoring; a whole study can arrive between two scrapes, so a rate here may be 0), and
+        # no alert fires on a healthy run.
+        rules = httpx.get(f"{prom}/api/v1/rules", timeout=10).json()["data"]["groups"]
+        assert rules and all(r["health"] == "ok" for g in rules for r in g["rules"]), rules
+        received = query(prom, 'radai:instances_received:rate5m{sender="unlisted"}')
+        assert [r["metric"]["outcome"] for r in received] == ["success"]
+        assert query(prom, 'ALERTS{alertstate="firing"}') == []
