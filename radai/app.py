@@ -206,6 +206,10 @@ class Server:
     """The radai process: receiver, workflow, schedulers and store, built from settings."""
 
     def __init__(self, settings: Settings) -> None:
+        if settings.scaleout.mode != "embedded":
+            # The PostgreSQL store and Redis job streams exist as parts; the receiver/worker processes that
+            # use them are not wired yet. Refuse rather than silently run embedded.
+            raise ConfigError("invalid setting 'scaleout.mode': distributed operation is not available yet")
         self.settings = settings
         self._stopping = threading.Event()
         RUNTIME_OPTIONS.tensorrt_cache = settings.storage.data_dir / "tensorrt"

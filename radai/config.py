@@ -381,6 +381,32 @@ class SchedulerSettings(BaseModel):
     devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] = Field(default_factory=list)
 
 
+class ScaleOutSettings(BaseModel):
+    """How radai runs: `embedded` (the default) is one process with SQLite and a local spool; `distributed`
+    keeps study and job state in PostgreSQL, queues jobs on one Redis stream per model (consumer groups,
+    acknowledged after the results are delivered; a job left unacknowledged `claim_idle_seconds` by a dead
+    worker is claimed by another) and needs `storage.data_dir` on a volume every process shares. `role` picks
+    what this process does: `all`, `receiver` (DICOM SCP, assembly, HTTP API) or `worker` (inference and
+    delivery)."""
+
+    model_config = _SECTION
+    mode: Literal["embedded", "distributed"] = "embedded"
+    role: Literal["all", "receiver", "worker"] = "all"
+    database_url: SecretStr | None = None  # postgresql://user:password@host:5432/radai
+    redis_url: SecretStr | None = None  # redis://[:password@]host:6379/0 (rediss:// for TLS)
+    stream_prefix: str = Field(default="radai", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    consumer_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")  # default host-pid
+    claim_idle_seconds: float = Field(default=300.0, gt=0.0, le=86400.0)
+
+    @model_validator(mode="after")
+    def _distributed_needs_servers(self) -> ScaleOutSettings:
+        if self.mode == "distributed" and (self.database_url is None or self.redis_url is None):
+            raise ValueError("mode distributed needs scaleout.database_url and scaleout.redis_url")
+        if self.mode == "embedded" and self.role != "all":
+            raise ValueError("role receiver or worker needs mode distributed")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="RADAI_", env_nested_delimiter="__", extra="forbid")
 
@@ -392,6 +418,7 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     models: ModelsSettings = ModelsSettings()
     scheduler: SchedulerSettings = SchedulerSettings()
+    scaleout: ScaleOutSettings = ScaleOutSettings()
 
     @property
     def registry_dir(self) -> Path:
