@@ -2,7 +2,8 @@
 # Debian packages the tests talk to: DCMTK (storescu/echoscu/storescp, a real PACS client and receiver),
 # dicom3tools (dciodvfy, IOD validation) and Orthanc with its DICOMweb plugin (a real PACS and STOW-RS
 # server; the tests start their own instance on free loopback ports) and Prometheus (scrapes radai in an
-# integration test, on loopback). Installs only what is missing.
+# integration test, on loopback), PostgreSQL and Redis (the scale-out store and job streams; the tests run their
+# own servers on loopback). Installs only what is missing.
 set -euo pipefail
 need=()
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
@@ -10,6 +11,8 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || need+=(orthanc)
 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 SUDO=""
 [ "$(id -u)" -ne 0 ] && SUDO="sudo"
