@@ -92,6 +92,29 @@ class ModelHost:
             loaded.leases += 1
             return loaded.slot
 
+    def lease(self, key: str) -> ModelSlot:
+        """The exact version `id@version` a job was planned with (a scale-out worker runs jobs a receiver
+        planned), held until released. A registered version that is not served now is loaded for the job and
+        unloaded after its last lease; NotFoundError if it is not registered, ModelPackageError if it fails
+        to load."""
+        with self._lock:
+            loaded = self._loaded.get(key)
+            if loaded is not None:
+                loaded.leases += 1
+                return loaded.slot
+        with self._reconciling:  # one load at a time, and never beside a reconcile loading the same version
+            with self._lock:
+                loaded = self._loaded.get(key)
+                if loaded is not None:
+                    loaded.leases += 1
+                    return loaded.slot
+            fresh = self._load(self._store.find(key).package)
+            fresh.selected = False  # served for the jobs that lease it; reconcile selects it if it is chosen
+            with self._lock:
+                fresh.leases = 1
+                self._loaded[key] = fresh
+            return fresh.slot
+
     def release(self, key: str) -> None:
         with self._lock:
             loaded = self._loaded.get(key)

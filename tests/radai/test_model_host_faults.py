@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from radai.app import make_runner_factory, make_validator
-from radai.errors import ConfigError
+from radai.errors import ConfigError, NotFoundError
 from radai.hosting import HostOptions, ModelHost
 from radai.storage.model_store import ModelStore
 from tests.radai.model_packages import threshold_package
@@ -76,3 +76,22 @@ def test_a_removed_model_is_unloaded_and_the_server_refuses_to_start_with_no_mod
         h.stop()
     with pytest.raises(ConfigError, match="no valid model package could be loaded"):
         ModelHost(registry, make_runner_factory("cpu"), HostOptions(poll_s=3600)).start()
+
+
+def test_a_job_planned_on_a_version_not_served_gets_it_loaded_for_itself_and_unloaded_after(
+    host: tuple[ModelStore, ModelHost],
+) -> None:
+    _, h = host
+    assert list(h.loaded) == ["threshold@1.0.0"]
+    slot = h.lease("threshold@1.1.0")  # a scale-out worker running a job a receiver planned on 1.1.0
+    assert slot.key == "threshold@1.1.0" and h.loaded == {"threshold@1.0.0": 0, "threshold@1.1.0": 1}
+    assert [p.key for p in h.active] == ["threshold@1.0.0"]  # serving it for the job does not activate it
+    assert h.lease("threshold@1.1.0") is slot  # a second job shares the loaded copy
+    h.release("threshold@1.1.0")
+    h.release("threshold@1.1.0")
+    assert list(h.loaded) == ["threshold@1.0.0"]
+    active = h.lease("threshold@1.0.0")
+    h.release(active.key)
+    assert list(h.loaded) == ["threshold@1.0.0"]  # the active version stays after its leases end
+    with pytest.raises(NotFoundError):
+        h.lease("threshold@9.9.9")
