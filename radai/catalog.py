@@ -20,6 +20,7 @@ from dicom_router.assembler import Series, Study
 from dicom_router.selection import select_series
 from radai.config import PriorityRule
 from radai.domain import Priority
+from radai.errors import NotFoundError
 from radai.models.registry import ModelPackage
 from radai.ports import PatchInferer
 
@@ -47,6 +48,11 @@ class ModelCatalog(Protocol):
         """The version running in shadow of `model_id`, held until released; None if there is none."""
         ...
 
+    def lease(self, key: str) -> ModelSlot:
+        """The exact version `id@version` (a job planned elsewhere), held until released; NotFoundError if
+        it is not served."""
+        ...
+
     def release(self, key: str) -> None: ...
 
 
@@ -64,6 +70,12 @@ class StaticCatalog:
 
     def lease_shadow(self, model_id: str) -> ModelSlot | None:
         return self._shadow.get(model_id)
+
+    def lease(self, key: str) -> ModelSlot:
+        for slot in (*self._active, *self._shadow.values()):
+            if slot.key == key:
+                return slot
+        raise NotFoundError(f"model version {key} is not served")
 
     def release(self, key: str) -> None:
         return None

@@ -26,6 +26,7 @@ from dicom_router.assembler import Series, Study
 from radai import metrics
 from radai.catalog import Lane, ModelCatalog, ModelSlot, StaticCatalog, plan_chains, priority_for
 from radai.config import PriorityRule
+from radai.dispatch import PlannedChain, PlannedJob
 from radai.domain import (
     JobRecord,
     JobSpec,
@@ -78,7 +79,11 @@ class Workflow:
         rejected_dir: Path | None = None,
         validate_with_dciodvfy: bool = True,
         priorities: Sequence[PriorityRule] = (),
+        dispatch: Callable[[PlannedChain], None] | None = None,
     ) -> None:
+        """`dispatch`: where planned chains go instead of this process's job pool (a scale-out receiver
+        publishes them on the job streams; a worker runs them with `run_planned`)."""
+        self._dispatch = dispatch
         self._catalog: ModelCatalog = StaticCatalog(slots) if isinstance(slots, Mapping) else slots
         self._priorities = list(priorities)
         self._delivery = delivery
@@ -107,6 +112,15 @@ class Workflow:
         held = {slot.key for slot in slots}
         try:
             for series, steps in self._plan(study, slots):
+                if self._dispatch is not None:
+                    self._dispatch(
+                        PlannedChain(
+                            series.series_uid,
+                            tuple(h.path for h in series.instances),
+                            tuple(PlannedJob(step.spec, step.run) for step in steps),
+                        )
+                    )
+                    continue  # the leases in `held` are released below: another process runs the chain
                 self._pool.submit(self._run_chain, steps, series)
                 for step in steps:
                     held.discard(step.slot.key)  # released by the chain when it ends
@@ -187,6 +201,27 @@ class Workflow:
             # Every job is in the store before any can finish: the study settles only when all are final.
             self._store.set_study_state(study.study_uid, StudyState.PROCESSING)
         return work
+
+    def run_planned(self, chain: PlannedChain, series: Series) -> None:
+        """Run a chain another process planned (a scale-out worker), on the exact model versions it was
+        planned with, in the calling thread. A job already final or in the outbound queue is not run again
+        (a chain reclaimed from a worker that died after its results were queued)."""
+        steps: list[_Step] = []
+        try:
+            for job in chain.jobs:
+                run = job.run and self._store.get_job(job.spec.job_id).state in (
+                    JobState.QUEUED,
+                    JobState.RUNNING,
+                )
+                steps.append(_Step(job.spec, self._catalog.lease(job.spec.model_key), run))
+        except Exception:
+            for step in steps:
+                self._catalog.release(step.slot.key)
+            raise
+        while steps and not steps[-1].run:
+            self._catalog.release(steps.pop().slot.key)
+        if steps:
+            self._run_chain(steps, series)
 
     def _already_handled(self, job_id: str, series: Series) -> bool:
         try:

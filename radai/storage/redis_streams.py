@@ -63,6 +63,9 @@ class JobMessage:
     priority: Priority
     instances: tuple[str, ...]
     enqueued_at: float
+    # The whole chain the job heads, in order (a model consuming another's mask runs after it, on the same
+    # worker): (job id, whether it runs; False: re-run for its mask only, its results already delivered).
+    chain: tuple[tuple[str, bool], ...] = ()
 
     def to_fields(self) -> dict[str, str]:
         return {
@@ -74,6 +77,7 @@ class JobMessage:
             "priority": self.priority.value,
             "instances": json.dumps(list(self.instances)),
             "enqueued_at": repr(self.enqueued_at),
+            "chain": json.dumps([[job_id, run] for job_id, run in self.chain]),
         }
 
     @classmethod
@@ -94,9 +98,20 @@ class JobMessage:
                 priority=Priority(data["priority"]),
                 instances=tuple(instances),
                 enqueued_at=float(data["enqueued_at"]),
+                chain=_chain(data.get("chain", "[]")),
             )
         except KeyError as exc:
             raise ValueError(f"job entry lacks field {exc}") from exc
+
+
+def _chain(text: str) -> tuple[tuple[str, bool], ...]:
+    items = json.loads(text)
+    if not isinstance(items, list) or not all(
+        isinstance(i, list) and len(i) == 2 and isinstance(i[0], str) and isinstance(i[1], bool)
+        for i in items
+    ):
+        raise ValueError("chain is not a list of [job id, run] pairs")
+    return tuple((job_id, run) for job_id, run in items)
 
 
 @dataclass(frozen=True)
