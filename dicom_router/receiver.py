@@ -75,7 +75,8 @@ class Receiver:
     ``release_grace_seconds=None`` ignores releases (quiet period only). ``spool_max_used_fraction`` and
     ``spool_min_free_bytes`` are the spool's disk watermark and free-space floor (see :class:`Spool`);
     ``recovery_delay_seconds`` makes studies recovered at start-up due that long after it (None: the quiet
-    period)."""
+    period). ``on_instance`` (optional) sees each instance as it is assembled, on the assembler thread: it
+    must be quick (a scale-out receiver records that the study is still arriving)."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class Receiver:
         recovery_delay_seconds: float | None = None,
         rules: CompletionRules | None = None,
         scp_options: ScpOptions | None = None,
+        on_instance: Callable[[InstanceHeader], None] | None = None,
     ) -> None:
         if release_grace_seconds is not None and release_grace_seconds < 0:
             raise ValueError("release_grace_seconds must be >= 0 or None")
@@ -107,6 +109,7 @@ class Receiver:
         # Completion rules carry their own quiet period; without them, quiet_seconds alone.
         self._assembler = Assembler(rules=rules) if rules is not None else Assembler(quiet_seconds)
         self._on_study_complete = on_study_complete
+        self._on_instance = on_instance
         self._clock = clock
         self._poll = poll_seconds
         self._grace = release_grace_seconds
@@ -247,6 +250,11 @@ class Receiver:
                 self._assembler.association_released(item.study_uids, now, self._grace)
         else:
             self._assembler.add(item, now)
+            if self._on_instance is not None:
+                try:
+                    self._on_instance(item)
+                except Exception:  # an observer must never stop assembly
+                    log.exception("on_instance callback failed")
 
     def _drain(self) -> None:
         """Apply everything already queued before checking completion (bursts cost one pass)."""

@@ -70,6 +70,8 @@ class AuditLog(Protocol):
         """Check the hash chain: the number of records, or AuditTamperedError naming the first bad one."""
         ...
 
+    def close(self) -> None: ...
+
 
 class Auditor:
     """Writes audit records and never lets a failing write break the action it records (logged instead)."""

@@ -73,7 +73,7 @@ def main_options(
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the DICOM receiver, the inference workers and the HTTP API until interrupted."""
-    from radai.app import serve as run
+    from radai.server import serve as run
 
     run(_settings(config))
 

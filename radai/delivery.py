@@ -121,7 +121,13 @@ class DeliveryService:
         clock: Clock = time.time,
         poll_seconds: float = 0.5,
         audit: Auditor = NO_AUDIT,
+        claim_lease_s: float | None = None,
     ) -> None:
+        """`claim_lease_s` (scale-out, several processes on one queue): a delivery left 'sending' that long
+        belongs to a process that died; it is queued again (checked at start and while idle). None: one
+        process owns the queue, and everything left 'sending' is resumed at start."""
+        self._lease = claim_lease_s
+        self._next_sweep = 0.0
         self._queue = queue
         self._audit = audit
         self._senders = {s.name: s for s in senders}
@@ -270,7 +276,8 @@ class DeliveryService:
 
     def resume(self) -> int:
         """Deliveries a stopped process left 'sending' are queued again; returns how many."""
-        resumed = self._queue.resume_deliveries()
+        claimed_before = None if self._lease is None else self._clock() - self._lease
+        resumed = self._queue.resume_deliveries(claimed_before)
         if resumed:
             log.info("resumed %d interrupted deliveries", resumed)
         return resumed
@@ -303,6 +310,9 @@ class DeliveryService:
                 if self.process_due(destination) is not None:
                     continue
                 self.refresh_gauges()
+                if self._lease is not None and self._clock() >= self._next_sweep:
+                    self._next_sweep = self._clock() + min(self._lease / 4, 60.0)
+                    self.resume()  # another process's stale claims
             except Exception:  # the database busy or gone for a moment: keep the worker alive
                 log.exception("delivery worker for %s: unexpected error", destination)
             wake.wait(self._poll)

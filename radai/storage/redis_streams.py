@@ -183,6 +183,13 @@ class JobStreams:
             client, settings.stream_prefix, consumer, settings.claim_idle_seconds, max_reclaims=max_reclaims
         )
 
+    def ping(self) -> bool:
+        """Redis answers (for /readyz)."""
+        try:
+            return bool(self.client.ping())
+        except redis.RedisError:
+            return False
+
     def close(self) -> None:
         self.client.close()
 

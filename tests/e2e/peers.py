@@ -47,6 +47,7 @@ class RadaiServer:
     api_port: int
     data_dir: Path
     log: Path
+    process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -98,6 +99,7 @@ def radai_serve(
             stdout=log,
             stderr=log,
         )
+        server.process = proc
         try:
             wait_for(lambda: proc.poll() is not None or _ready(server), 120, "radai to become ready")
             if proc.poll() is not None:
