@@ -137,13 +137,11 @@ FILE_SUFFIXES = (".txt", ".yaml", ".json", ".crt", ".key", ".md")
 
 
 def deploy_docs() -> str:
-    """The sections in README.md, or docs/deploy.md until they are pasted there."""
+    """The README's "Deploy on Kubernetes" and "Scale out" sections."""
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    if "\n## Deploy on Kubernetes\n" in readme and "\n## Scale out\n" in readme:
-        start = readme.index("\n## Deploy on Kubernetes\n")
-        end = readme.find("\n## ", readme.index("\n## Scale out\n") + 1)
-        return readme[start : end if end >= 0 else None]
-    return (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
+    start = readme.index("\n## Deploy on Kubernetes\n")
+    end = readme.find("\n## ", readme.index("\n## Scale out\n") + 1)
+    return readme[start : end if end >= 0 else None]
 
 
 def _is_value(values: dict[str, Any], parts: list[str]) -> bool:
