@@ -18,8 +18,9 @@ from radai.domain import StudyState
 from radai.errors import RadaiError
 
 if TYPE_CHECKING:
+    from radai.audit import AuditLog
     from radai.storage.model_store import Entry, ModelStore
-    from radai.storage.sqlite import SqliteJobStore
+    from radai.storage.sql_jobs import SqlJobStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="radai: radiology AI inference server.")
 models_app = typer.Typer(
@@ -106,12 +107,32 @@ def _registry(config: Path | None) -> ModelStore:
     return model_store(_settings(config))
 
 
+def _database_url(settings: Settings) -> str | None:
+    """PostgreSQL's URL in scale-out mode; None for the embedded SQLite database."""
+    url = settings.scaleout.database_url
+    return url.get_secret_value() if settings.scaleout.mode == "distributed" and url is not None else None
+
+
+def _open_audit(settings: Settings, must_exist: bool = True) -> AuditLog:
+    """The audit log of the database `radai serve` uses with these settings."""
+    url = _database_url(settings)
+    if url is not None:
+        from radai.storage.postgres import PostgresAuditLog
+
+        return PostgresAuditLog(url)
+    from radai.storage.sqlite_audit import SqliteAuditLog
+
+    db = settings.storage.database
+    if must_exist and not db.is_file():
+        raise RadaiError(f"no database at {db}: has `radai serve` run with this data_dir?")
+    return SqliteAuditLog(db)
+
+
 def _audit(config: Path | None, event: str, subject: str, outcome: str = "ok") -> None:
     """One audit record for a registry change made on the command line (actor `cli:<login name>`)."""
     from radai.audit import Auditor, Event, cli_actor
-    from radai.storage.sqlite_audit import SqliteAuditLog
 
-    log = SqliteAuditLog(_settings(config).storage.database)
+    log = _open_audit(_settings(config), must_exist=False)
     try:
         Auditor(log)(Event(event), cli_actor(), subject, outcome)
     finally:
@@ -238,10 +259,17 @@ def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
-def _store(config: Path | None) -> SqliteJobStore:
+def _store(config: Path | None) -> SqlJobStore:
+    """The job store `radai serve` uses with these settings (PostgreSQL in scale-out mode)."""
+    settings = _settings(config)
+    url = _database_url(settings)
+    if url is not None:
+        from radai.storage.postgres import PostgresJobStore
+
+        return PostgresJobStore(url)
     from radai.storage.sqlite import SqliteJobStore
 
-    db = _settings(config).storage.database
+    db = settings.storage.database
     if not db.is_file():
         raise RadaiError(f"no database at {db}: has `radai serve` run with this data_dir?")
     return SqliteJobStore(db)
@@ -329,14 +357,10 @@ def audit_list(
 ) -> None:
     """Audit records, oldest first: sequence number, time (UTC), event, actor, subject, outcome, details."""
     from radai.audit import AuditQuery, Event
-    from radai.storage.sqlite_audit import SqliteAuditLog
 
     if event is not None and event not in {e.value for e in Event}:
         raise RadaiError(f"unknown event {event!r}; one of: {', '.join(e.value for e in Event)}")
-    db = _settings(config).storage.database
-    if not db.is_file():
-        raise RadaiError(f"no database at {db}: has `radai serve` run with this data_dir?")
-    log = SqliteAuditLog(db)
+    log = _open_audit(_settings(config))
     try:
         records = log.records(AuditQuery(event=event, after=after, limit=limit))
     finally:
@@ -353,12 +377,7 @@ def audit_list(
 @audit_app.command("verify")
 def audit_verify(config: ConfigOpt = None) -> None:
     """Check the audit log's hash chain: fails naming the first record changed or removed outside radai."""
-    from radai.storage.sqlite_audit import SqliteAuditLog
-
-    db = _settings(config).storage.database
-    if not db.is_file():
-        raise RadaiError(f"no database at {db}: has `radai serve` run with this data_dir?")
-    log = SqliteAuditLog(db)
+    log = _open_audit(_settings(config))
     try:
         count = log.verify()
     finally:

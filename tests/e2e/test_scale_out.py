@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -196,5 +197,21 @@ def test_two_receivers_two_workers_each_study_once_and_a_killed_workers_job_fini
         if ds.Modality == "SEG"
     }
     assert seg_series == set(studies)
+    # the command line reads the same PostgreSQL database: studies, and the audit log's intact hash chain
+    config = str(c.tmp / "receiver-1" / "radai.yaml")
+    listed = subprocess.run(
+        [sys.executable, "-m", "radai", "studies", "list", "-c", config],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert listed.returncode == 0 and all(uid in listed.stdout for uid in studies), listed.stderr
+    verified = subprocess.run(
+        [sys.executable, "-m", "radai", "audit", "verify", "-c", config],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert verified.returncode == 0, verified.stderr
     assert survivor.process is not None and survivor.process.poll() is None
     assert replacement.process is not None and replacement.process.poll() is None
