@@ -397,6 +397,9 @@ class ScaleOutSettings(BaseModel):
     stream_prefix: str = Field(default="radai", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     consumer_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:-]{1,128}$")  # default host-pid
     claim_idle_seconds: float = Field(default=300.0, gt=0.0, le=86400.0)
+    # A receiver's unfinished part of a study that got nothing this long (the receiver went away for good)
+    # no longer holds the study back: the other receivers' parts are planned without it.
+    abandoned_part_seconds: float = Field(default=3600.0, gt=0.0, le=7 * 86400.0)
 
     @model_validator(mode="after")
     def _distributed_needs_servers(self) -> ScaleOutSettings:

@@ -37,7 +37,7 @@ from radai.errors import InferenceError, NotFoundError
 from radai.ports import JobStore
 from radai.storage.model_store import ModelStore
 from radai.storage.redis_streams import Delivery, JobMessage, JobStreams
-from radai.storage.sql_parts import StudyParts
+from radai.storage.sql_parts import MergedStudy, StudyParts
 from radai.workflow import Workflow
 
 log = logging.getLogger(__name__)
@@ -163,22 +163,40 @@ class StudyCoordinator:
         merged = self._parts.take_due(study.study_uid)
         if merged is None:
             waiting = ", ".join(self._parts.waiting(study.study_uid)) or "-"
-            log.info(
-                "study %s: part complete; other receivers still receiving (%s)",
-                uid_fingerprint(study.study_uid),
-                waiting,
-            )
+            fingerprint = uid_fingerprint(study.study_uid)
+            log.info("study %s: part complete; receivers still receiving: %s", fingerprint, waiting)
             return
+        self._plan(merged)
+
+    def sweep(self, abandoned_after_s: float) -> int:
+        """Plan the studies held back only by parts whose receiver got nothing for `abandoned_after_s` and
+        never completed them (it went away for good); returns how many were planned."""
+        before = self._clock() - abandoned_after_s
+        planned = 0
+        for study_uid in self._parts.stalled(before):
+            merged = self._parts.take_due(study_uid, abandoned_before=before)
+            if merged is not None:
+                log.warning(
+                    "study %s: planned without the unfinished parts of receivers silent for %.0f s",
+                    uid_fingerprint(study_uid),
+                    abandoned_after_s,
+                )
+                self._plan(merged)
+                planned += 1
+        return planned
+
+    def _plan(self, merged: MergedStudy) -> None:
+        fingerprint = uid_fingerprint(merged.study_uid)
         whole = assemble([Path(p) for p in merged.paths], merged.calling_ae, merged.first_received)
         if whole is None:
-            log.error("study %s: no readable instance in its parts", uid_fingerprint(study.study_uid))
+            log.error("study %s: no readable instance in its parts", fingerprint)
             return
         whole = Study(
             whole.study_uid, whole.series, merged.first_received, merged.last_received, merged.calling_ae
         )
         log.info(
             "study %s complete across %d receiver(s): %d instances",
-            uid_fingerprint(study.study_uid),
+            fingerprint,
             len(merged.receivers),
             whole.instance_count,
         )

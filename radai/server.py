@@ -116,6 +116,7 @@ class Server:
         )
         self.delivery.add_listener(self.workflow.delivery_settled)
         self.parts: StudyParts | None = None
+        self.coordinator: StudyCoordinator | None = None
         self.receiver = self._receiver() if self.receives else None
         self.worker = None
         if self.streams is not None and self.runs_models:
@@ -168,6 +169,7 @@ class Server:
             assert url is not None  # distributed mode: checked by the settings and _stores()
             self.parts = StudyParts.postgres(url.get_secret_value())
             coordinator = StudyCoordinator(self.parts, self._receiver_name(), self.workflow.on_study_complete)
+            self.coordinator = coordinator
             on_complete, on_instance = coordinator.on_part_complete, coordinator.on_instance
         # Scale-out: each receiver spools into its own folder of the shared spool, so that its start-up
         # recovery resumes only what it received itself.
@@ -265,6 +267,8 @@ class Server:
         if self.receiver is not None:
             self.receiver.start()
         threading.Thread(target=self._probe_destinations, name="radai-destination-probe", daemon=True).start()
+        if self.coordinator is not None:
+            threading.Thread(target=self._sweep_parts, name="radai-study-parts", daemon=True).start()
         models = self.host.active if self.host is not None else self.registry.selection().active.values()
         role = f"{self.settings.scaleout.role} (distributed)" if self.distributed else "embedded"
         where = (
@@ -283,6 +287,15 @@ class Server:
                 self.probe.checks()
             except Exception:  # a sender bug must not end the probe
                 log.exception("destination probe failed")
+
+    def _sweep_parts(self, every_s: float = 60.0) -> None:
+        """Scale-out receivers: plan studies left waiting for a receiver that went away for good."""
+        assert self.coordinator is not None
+        while not self._stopping.wait(every_s):
+            try:
+                self.coordinator.sweep(self.settings.scaleout.abandoned_part_seconds)
+            except Exception:  # the database away for a moment: try again next time
+                log.exception("sweep of abandoned study parts failed")
 
     def stop(self) -> None:
         self._stopping.set()

@@ -127,22 +127,27 @@ class StudyParts:
                 ),
             )
 
-    def take_due(self, study_uid: str) -> MergedStudy | None:
+    def take_due(self, study_uid: str, *, abandoned_before: float | None = None) -> MergedStudy | None:
         """The whole study when every receiver's part is complete, its rows deleted in the same transaction
-        (exactly one caller gets it); None while a receiver is still receiving, or when there is nothing."""
+        (exactly one caller gets it); None while a receiver is still receiving, or when there is nothing.
+        With `abandoned_before`, a part that got nothing since then and never completed (its receiver went
+        away for good) no longer holds the study back: the completed parts are planned without it."""
         with self._db.transaction() as db:
             # receiver order: concurrent callers lock the rows in the same order, so they never deadlock
             rows = db.all(
                 "SELECT * FROM study_parts WHERE study_uid=? ORDER BY receiver" + self._db.dialect.for_update,
                 (study_uid,),
             )
-            if not rows or not all(_complete(r) for r in rows):
+            if not rows or not all(_complete(r) or _abandoned(r, abandoned_before) for r in rows):
                 return None
             # only the rows read and locked here: a part begun meanwhile stays, to be planned on its own
             db.many(
                 "DELETE FROM study_parts WHERE study_uid=? AND receiver=?",
                 [(study_uid, r["receiver"]) for r in rows],
             )
+        rows = [r for r in rows if r["completed_through"] is not None]
+        if not rows:
+            return None  # only abandoned parts: nothing was completed to plan
         first = min(rows, key=lambda r: (r["first_received"], r["receiver"]))
         return MergedStudy(
             study_uid=study_uid,
@@ -153,6 +158,16 @@ class StudyParts:
             receivers=tuple(str(r["receiver"]) for r in rows),
         )
 
+    def stalled(self, abandoned_before: float) -> list[str]:
+        """Studies held back by a part that got nothing since `abandoned_before` and never completed."""
+        with self._db.session() as db:
+            rows = db.all(
+                f"SELECT DISTINCT study_uid FROM study_parts WHERE NOT ({_COMPLETE}) AND last_instance_at<?"
+                " ORDER BY study_uid",
+                (abandoned_before,),
+            )
+        return [str(r["study_uid"]) for r in rows]
+
     def waiting(self, study_uid: str) -> list[str]:
         """The receivers whose part of the study is not complete yet (sorted)."""
         with self._db.session() as db:
@@ -161,6 +176,10 @@ class StudyParts:
                 (study_uid,),
             )
         return [str(r["receiver"]) for r in rows]
+
+
+def _abandoned(row: Row, before: float | None) -> bool:
+    return before is not None and float(row["last_instance_at"]) < before
 
 
 def _complete(row: Row) -> bool:

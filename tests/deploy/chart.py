@@ -193,11 +193,19 @@ def environment(docs: list[Manifest], container: Manifest, pod_name: str) -> dic
     return env
 
 
+def workload(docs: list[Manifest], name: str) -> Manifest:
+    """The Deployment or StatefulSet (the scale-out receivers) called `name`."""
+    (found,) = [
+        d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == name
+    ]
+    return found
+
+
 def settings_of(
     docs: list[Manifest], deployment: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> tuple[Settings, Manifest]:
     """radai's settings as the container of `deployment` loads them (`serve -c <mounted radai.yaml>`)."""
-    pod = one(docs, "Deployment", deployment)["spec"]["template"]["spec"]
+    pod = workload(docs, deployment)["spec"]["template"]["spec"]
     container = pod["containers"][0]
     config_file = container["args"][container["args"].index("-c") + 1]
     mount = next(m for m in container["volumeMounts"] if m["mountPath"] == config_file)

@@ -98,7 +98,9 @@ def test_scale_out_worker_loads_as_a_distributed_worker(
 def test_external_servers_come_from_the_existing_secret(
     external: list[Manifest], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    assert not find(external, "StatefulSet")
+    assert [d["metadata"]["name"] for d in find(external, "StatefulSet")] == [
+        f"{RELEASE}-receiver"
+    ]  # no bundled server
     assert not find(external, "Secret", f"{RELEASE}-scaleout")
     for deployment, role in ((f"{RELEASE}-receiver", "receiver"), (f"{RELEASE}-worker", "worker")):
         settings, _ = settings_of(external, deployment, monkeypatch, tmp_path)

@@ -89,8 +89,14 @@ def test_embedded_mode_runs_one_pod_on_a_read_write_once_volume(default: list[Ma
 
 
 def test_scale_out_runs_receivers_and_gpu_workers_on_a_shared_volume(scaleout: list[Manifest]) -> None:
-    names = sorted(d["metadata"]["name"] for d in find(scaleout, "Deployment"))
-    assert names == [f"{RELEASE}-receiver", f"{RELEASE}-worker"]
+    assert [d["metadata"]["name"] for d in find(scaleout, "Deployment")] == [f"{RELEASE}-worker"]
+    # receivers: a StatefulSet, so that each keeps its name (spool folder, parts of studies) across restarts
+    receiver = one(scaleout, "StatefulSet", f"{RELEASE}-receiver")["spec"]
+    assert receiver["serviceName"] == f"{RELEASE}-receiver" and receiver["podManagementPolicy"] == "Parallel"
+    governing = one(scaleout, "Service", f"{RELEASE}-receiver")["spec"]
+    assert governing["clusterIP"] == "None"
+    env = {e["name"]: e for e in receiver["template"]["spec"]["containers"][0]["env"]}
+    assert env["RADAI_SCALEOUT__CONSUMER_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
     assert one(scaleout, "PersistentVolumeClaim", f"{RELEASE}-data")["spec"]["accessModes"] == [
         "ReadWriteMany"
     ]
@@ -101,7 +107,10 @@ def test_scale_out_runs_receivers_and_gpu_workers_on_a_shared_volume(scaleout: l
     assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert [p["name"] for p in container["ports"]] == ["http-api"]
     hpa = one(scaleout, "HorizontalPodAutoscaler", f"{RELEASE}-receiver")["spec"]
-    assert hpa["scaleTargetRef"]["name"] == f"{RELEASE}-receiver"
+    assert (hpa["scaleTargetRef"]["kind"], hpa["scaleTargetRef"]["name"]) == (
+        "StatefulSet",
+        f"{RELEASE}-receiver",
+    )
     assert hpa["metrics"][0]["resource"]["name"] == "cpu"
     pdb = one(scaleout, "PodDisruptionBudget", f"{RELEASE}-receiver")["spec"]
     assert pdb["selector"]["matchLabels"]["app.kubernetes.io/component"] == "receiver"

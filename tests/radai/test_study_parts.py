@@ -188,3 +188,23 @@ def test_receivers_completing_and_taking_at_the_same_moment_plan_the_study_exact
         winners = [m for m in _together(2, finish) if m is not None]
         assert len(winners) == 1, n
         assert winners[0].paths == (f"/a/{n}", f"/b/{n}")
+
+
+def test_a_part_whose_receiver_went_away_for_good_stops_holding_the_study_back(opener: Opener) -> None:
+    a, b = opener(), opener()
+    b.touch(STUDY, "b", 100.0)  # b got a first instance, then died and never came back
+    a.touch(STUDY, "a", 100.0)
+    a.complete_part(STUDY, "a", ["/spool/a/s1.dcm"], "CT", 100.0, 105.0)
+    assert a.take_due(STUDY) is None
+    assert a.stalled(abandoned_before=100.0) == []  # b's last instance is not older than that
+    assert a.stalled(abandoned_before=3700.0) == [STUDY]
+    assert a.take_due(STUDY, abandoned_before=50.0) is None
+    merged = a.take_due(STUDY, abandoned_before=3700.0)
+    assert merged is not None and merged.paths == ("/spool/a/s1.dcm",) and merged.receivers == ("a",)
+    assert a.stalled(abandoned_before=3700.0) == [] and a.waiting(STUDY) == []  # b's row went with it
+
+
+def test_only_abandoned_parts_plan_nothing(parts: StudyParts) -> None:
+    parts.touch(STUDY, "gone", 100.0)
+    assert parts.take_due(STUDY, abandoned_before=3700.0) is None
+    assert parts.stalled(abandoned_before=3700.0) == []
