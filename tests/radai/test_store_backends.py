@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import psycopg
 import pytest
@@ -34,9 +32,9 @@ from radai.storage.sql_jobs import SqlJobStore
 from radai.storage.sqlite import SqliteJobStore
 from radai.storage.sqlite_audit import SqliteAuditLog
 from tests.radai.postgres_server import PostgresServer, missing_reason, run_postgres
+from tests.radai.together import together
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -326,27 +324,6 @@ def test_an_audit_change_made_behind_radais_back_is_found(backend: Backend, sql:
 # -- PostgreSQL: several processes on one database ----------------------------------------------------------
 
 
-def _together(workers: int, work: Callable[[int], T]) -> list[T]:
-    """Runs `work(i)` in `workers` threads released at the same moment; their results in order."""
-    start, results, errors = threading.Barrier(workers), [None] * workers, []
-
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            results[i] = work(i)  # type: ignore[call-overload]
-        except BaseException as exc:  # pragma: no cover - re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    if errors:
-        raise errors[0]
-    return results  # type: ignore[return-value]
-
-
 def test_workers_on_several_connections_never_claim_the_same_delivery(postgres: PostgresServer) -> None:
     backend = _postgres(postgres)
     stores = [backend.jobs() for _ in range(4)]
@@ -361,7 +338,7 @@ def test_workers_on_several_connections_never_claim_the_same_delivery(postgres: 
             claimed.append(record.job_id)
         return claimed
 
-    claims = _together(4, claim_all)
+    claims = together(4, claim_all)
     every = [j for c in claims for j in c]
     assert sorted(every) == [f"j{n:03}" for n in range(120)]  # each exactly once
     assert sum(1 for c in claims if c) >= 2  # the workers did take turns
@@ -382,7 +359,7 @@ def test_two_receivers_adding_the_same_study_and_jobs_leave_one_row_each(postgre
             stores[i].add_job(job(f"j{n}", uid=uid))
             stores[i].enqueue_delivery(f"j{n}", uid, "pacs", [], 1.0)
 
-    _together(2, receive)
+    together(2, receive)
     studies = stores[0].list_studies(1000)
     assert len(studies) == 30 and all(len(s.jobs) == 1 for s in studies)
     assert all(len(s.jobs[0].deliveries) == 1 for s in studies)
@@ -404,7 +381,7 @@ def test_two_workers_settling_the_same_job_and_study_have_one_winner(postgres: P
     def settle(i: int) -> list[tuple[JobState | None, StudyState | None]]:
         return [(stores[i].settle_job(f"j{n}", 3.0), stores[i].settle_study(f"2.{n}")) for n in range(20)]
 
-    first, second = _together(2, settle)
+    first, second = together(2, settle)
     for n in range(20):
         jobs = [first[n][0], second[n][0]]
         assert jobs.count(JobState.DELIVERED) == 1 and jobs.count(None) == 1, n
@@ -421,7 +398,7 @@ def test_concurrent_audit_appends_from_several_processes_keep_the_chain(postgres
         for n in range(25):
             logs[i].append(Event.API_WRITE, f"api:{i}", f"/r/{n}", "200")
 
-    _together(4, append)
+    together(4, append)
     assert logs[0].verify() == 100
     assert sorted(r.subject for r in logs[1].records(AuditQuery(limit=1000)) if r.actor == "api:3") == sorted(
         f"/r/{n}" for n in range(25)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from radai.storage.sql_parts import MergedStudy, StudyParts
 from tests.radai.postgres_server import PostgresServer, missing_reason, run_postgres
+from tests.radai.together import together
 
 STUDY = "1.2.826.0.1.3680043.8.498.11"
 Opener = Callable[[], StudyParts]
@@ -131,29 +131,6 @@ def test_studies_are_kept_apart(parts: StudyParts) -> None:
     assert parts.waiting("9.9.9") == ["a"]
 
 
-def _together(workers: int, work: Callable[[int], MergedStudy | None]) -> list[MergedStudy | None]:
-    """Runs `work(i)` in `workers` threads released at the same moment; their results in order."""
-    start = threading.Barrier(workers)
-    results: list[MergedStudy | None] = [None] * workers
-    errors: list[BaseException] = []
-
-    def run(i: int) -> None:
-        try:
-            start.wait()
-            results[i] = work(i)
-        except BaseException as exc:  # pragma: no cover - re-raised below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(workers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    if errors:
-        raise errors[0]
-    return results
-
-
 def test_receivers_taking_a_completed_study_at_the_same_moment_get_it_exactly_once(opener: Opener) -> None:
     receivers = [opener(), opener()]
     for n in range(40):
@@ -164,7 +141,7 @@ def test_receivers_taking_a_completed_study_at_the_same_moment_get_it_exactly_on
         def take(i: int, uid: str = uid) -> MergedStudy | None:
             return receivers[i].take_due(uid)
 
-        taken = _together(2, take)
+        taken = together(2, take)
         winners = [m for m in taken if m is not None]
         assert len(winners) == 1, n
         assert winners[0].paths == (f"/a/{n}", f"/b/{n}") and winners[0].receivers == ("a", "b")
@@ -185,7 +162,7 @@ def test_receivers_completing_and_taking_at_the_same_moment_plan_the_study_exact
             receivers[i].complete_part(uid, names[i], [f"/{names[i]}/{n}"], "AE", 1.0, 2.0)
             return receivers[i].take_due(uid)
 
-        winners = [m for m in _together(2, finish) if m is not None]
+        winners = [m for m in together(2, finish) if m is not None]
         assert len(winners) == 1, n
         assert winners[0].paths == (f"/a/{n}", f"/b/{n}")
 
