@@ -8,7 +8,6 @@ status code and the scope of the token presented.
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Annotated, Any
@@ -16,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from radai.api.auth import Tokens, require_read
+from radai.api.auth import Tokens, require_read, scope_of
 from radai.audit import AuditLog, Auditor, AuditQuery, Event
 
 _WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -54,15 +53,6 @@ def audit_router(log: AuditLog, tokens: Tokens) -> APIRouter:
     return router
 
 
-def _scope(request: Request, tokens: Tokens) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    presented = token.strip().encode() if scheme.lower() == "bearer" else b""
-    for scope, expected in (("admin", tokens.admin), ("read", tokens.read)):
-        if presented and expected is not None and secrets.compare_digest(presented, expected.encode()):
-            return scope
-    return "anonymous"
-
-
 def _route_template(request: Request) -> str:
     """The matched route's path template (the router records the route in the scope it shares)."""
     route = request.scope.get("route")
@@ -80,7 +70,7 @@ def audit_writes(app: FastAPI, audit: Auditor, tokens: Tokens) -> None:
             await run_in_threadpool(  # a SQLite write: off the event loop
                 audit,
                 Event.API_WRITE,
-                f"api:{_scope(request, tokens)}",
+                f"api:{scope_of(tokens, request.headers.get('authorization'))}",
                 _route_template(request),
                 str(response.status_code),
                 method=request.method,

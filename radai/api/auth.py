@@ -42,6 +42,16 @@ def _unauthorised(what: str) -> HTTPException:
     return HTTPException(401, f"{what} token required", headers={"WWW-Authenticate": "Bearer"})
 
 
+def scope_of(tokens: Tokens, authorization: str | None) -> str:
+    """The scope the presented bearer token grants: "admin", "read" or "anonymous" (for the audit log)."""
+    token = _presented(authorization)
+    if _matches(token, tokens.admin):
+        return "admin"
+    if _matches(token, tokens.read):
+        return "read"
+    return "anonymous"
+
+
 def require_admin(tokens: Tokens) -> Callable[..., None]:
     def check(authorization: Annotated[str | None, Header()] = None) -> None:
         if tokens.admin is None:
