@@ -90,6 +90,8 @@ class Server:
         )
         self.probe = DestinationProbe(senders, ttl_seconds=settings.delivery.echo_cache_seconds)
         self.destinations = ServerDestinations(settings.destinations, senders, self.probe, self.store)
+        self._spools: dict[Path, Spool] = {}  # scale-out: the receivers' folders in the shared spool
+        self._spools_lock = threading.Lock()
         self.spool = Spool(
             settings.storage.spool_dir,
             max_used_fraction=settings.storage.spool_max_used_fraction,
@@ -219,7 +221,11 @@ class Server:
             return self.spool
         if folder.parent != root:
             raise ValueError("path is not in the spool")
-        return Spool(folder, max_used_fraction=1.0, min_free_bytes=0)
+        with self._spools_lock:
+            spool = self._spools.get(folder)
+            if spool is None:  # released, never written to here: no space checks
+                spool = self._spools[folder] = Spool(folder, max_used_fraction=1.0, min_free_bytes=0)
+        return spool
 
     def _release(self, paths: Sequence[Path], handed_off_at: float) -> None:
         for p in paths:
