@@ -1,16 +1,24 @@
-"""ONNX Runtime backend: one InferenceSession per model, CUDA first when present and allowed."""
+"""ONNX Runtime backend: one InferenceSession per model, CUDA first when present and allowed.
+
+`run` takes and returns numpy arrays. `run_tensor` takes torch tensors and uses ONNX Runtime's I/O binding:
+the input and a preallocated output are bound by pointer on the runner's device, so patches that already live
+on the GPU are neither copied to the host nor back. torch is imported only when `run_tensor` is called.
+"""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
 from radai.errors import InferenceError, OutOfMemoryError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +90,8 @@ def choose_providers(
 
 
 class OnnxRunner:
-    """Implements radai.ports.ModelRunner with onnxruntime. Session.run is thread-safe."""
+    """Implements radai.ports.ModelRunner and DeviceRunner with onnxruntime. Session.run is thread-safe, and
+    so is run_with_iobinding as each call of `run_tensor` builds its own binding."""
 
     def __init__(
         self,
@@ -124,28 +133,83 @@ class OnnxRunner:
         self.input_shape: tuple[int | str | None, ...] = tuple(inputs[0].shape)
         self.output_shape: tuple[int | str | None, ...] = tuple(outputs[0].shape)
         self._input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+        self._output_type: str = outputs[0].type
         declared = self.output_shape[1] if len(self.output_shape) > 1 else None
         if output_channels is not None and isinstance(declared, int) and declared != output_channels:
             raise InferenceError(
                 f"ONNX model {model_path.name} has {declared} output channels, "
                 f"the card says {output_channels}"
             )
+        # Output channels for preallocating `run_tensor`'s output; None: let onnxruntime allocate it.
+        self._output_channels = declared if isinstance(declared, int) else output_channels
+        index = parse_device(device)[1]
+        on_gpu = self.providers[0] in (_CUDA, _TRT)
+        self.device: str = f"cuda:{index}" if on_gpu else "cpu"
+        self._ort_device: tuple[str, int] = ("cuda", index) if on_gpu else ("cpu", 0)
         self._session: Any = session
         self._name = f"{model_path.parent.name}/{model_path.name}"
         log.debug("onnx model %s loaded with providers %s", self._name, ",".join(self.providers))
 
     def run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        if self._session is None:
+        session = self._session
+        if session is None:
             raise InferenceError(f"ONNX model {self._name} is closed")
         feed = {self.input_name: np.ascontiguousarray(batch, dtype=self._input_dtype)}
         try:
-            out = self._session.run([self.output_name], feed)[0]
+            out = session.run([self.output_name], feed)[0]
         except Exception as exc:  # translate onnxruntime's errors at the adapter boundary
-            message = str(exc)
-            if any(sign in message for sign in _OOM_SIGNS):
-                raise OutOfMemoryError(f"onnxruntime ran out of memory on {self._name}: {message}") from exc
-            raise InferenceError(f"onnxruntime failed on {self._name}: {exc}") from exc
+            raise self._failure(exc) from exc
         return np.asarray(out, dtype=np.float32)
+
+    def run_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, C, *spatial) tensor on any device -> (N, K, *spatial) float32 tensor on `self.device`, through
+        I/O binding: no host round trip when the batch is already on the device."""
+        session = self._session
+        if session is None:
+            raise InferenceError(f"ONNX model {self._name} is closed")
+        import torch
+
+        try:
+            dtype = torch.float16 if self._input_dtype == np.float16 else torch.float32
+            x = batch.to(device=self.device, dtype=dtype).contiguous()
+            out = self._preallocated_output(x)
+            binding = session.io_binding()
+            kind, index = self._ort_device
+            binding.bind_input(self.input_name, kind, index, self._input_dtype, tuple(x.shape), x.data_ptr())
+            if out is not None:
+                out_type = np.float16 if out.dtype == torch.float16 else np.float32
+                binding.bind_output(self.output_name, kind, index, out_type, tuple(out.shape), out.data_ptr())
+            else:
+                binding.bind_output(self.output_name, kind, index)
+            if kind == "cuda":  # onnxruntime runs on its own stream: let torch's pending work on x finish
+                torch.cuda.current_stream(self.device).synchronize()
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            if out is None:
+                out = torch.from_numpy(binding.copy_outputs_to_cpu()[0]).to(self.device)
+            return out.float()
+        except Exception as exc:  # onnxruntime's and torch's errors (a CUDA OOM included) end here
+            raise self._failure(exc) from exc
+
+    def _preallocated_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An empty output tensor of the model's exact shape and type, or None when either is not known."""
+        import torch
+
+        dtypes = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+        dtype = dtypes.get(self._output_type)
+        if self._output_channels is None or dtype is None or x.dim() < 2 or len(self.output_shape) != x.dim():
+            return None
+        shape = (x.shape[0], self._output_channels, *x.shape[2:])
+        if any(isinstance(d, int) and d != n for d, n in zip(self.output_shape, shape, strict=True)):
+            return None  # e.g. a model that downsamples: its output is not the input's size
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def _failure(self, exc: Exception) -> InferenceError:
+        """An exception from onnxruntime (or torch) as radai's error; allocation failures as OutOfMemoryError."""
+        message = str(exc)
+        if any(sign in message for sign in _OOM_SIGNS):
+            return OutOfMemoryError(f"onnxruntime ran out of memory on {self._name}: {message}")
+        return InferenceError(f"onnxruntime failed on {self._name}: {exc}")
 
     def close(self) -> None:
         self._session = None
