@@ -14,15 +14,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from dicom_router.assembler import Series, Study
 from dicom_router.selection import select_series
 from radai.config import PriorityRule
 from radai.domain import Priority
-from radai.errors import NotFoundError
+from radai.errors import InferenceError, NotFoundError
 from radai.models.registry import ModelPackage
-from radai.ports import PatchInferer
+from radai.ports import DeviceInferer, PatchInferer
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,22 @@ class Lane:
     def __init__(self, inner: PatchInferer, priority: Priority) -> None:
         self._inner, self._priority = inner, priority
 
+    @property
+    def device(self) -> str | None:
+        """The inner inferer's device (radai.ports.DeviceInferer), None when it works on the host."""
+        return self._inner.device if isinstance(self._inner, DeviceInferer) else None
+
+    def _lane(self, priority: Priority) -> Priority:
+        return min(priority, self._priority, key=lambda p: p.rank)
+
     def infer(
         self, job_id: str, patches: NDArray[np.float32], priority: Priority = Priority.ROUTINE
     ) -> NDArray[np.float32]:
-        best = min(priority, self._priority, key=lambda p: p.rank)
-        return self._inner.infer(job_id, patches, best)
+        return self._inner.infer(job_id, patches, self._lane(priority))
+
+    def infer_tensor(
+        self, job_id: str, patches: torch.Tensor, priority: Priority = Priority.ROUTINE
+    ) -> torch.Tensor:
+        if not isinstance(self._inner, DeviceInferer):
+            raise InferenceError("this model's inferer takes no tensors")
+        return self._inner.infer_tensor(job_id, patches, self._lane(priority))

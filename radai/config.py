@@ -377,6 +377,9 @@ class SchedulerSettings(BaseModel):
     priorities: list[PriorityRule] = Field(default_factory=list)
     job_workers: int = Field(default=4, ge=1, le=64)
     device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda)$")
+    # Share of a GPU's free memory (measured when a model loads) its batches may take: a model's batch is
+    # lowered below its card's `runtime.max_batch` where that many windows would not fit (torch backend).
+    gpu_memory_fraction: float = Field(default=0.8, gt=0.0, le=1.0)
     # Several devices (e.g. [cuda:0, cuda:1]): each model gets a runner on every one, all serving its queue.
     devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] = Field(default_factory=list)
 

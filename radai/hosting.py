@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 from radai import metrics
 from radai.catalog import ModelSlot
-from radai.errors import ConfigError, ModelPackageError, RadaiError
+from radai.errors import ConfigError, ModelPackageError, OutOfMemoryError, RadaiError
 from radai.models.registry import ModelPackage, RunnerFactory, reference_check
 from radai.ports import ModelRunner
+from radai.runtime.memory import batch_for
 from radai.scheduling.loop import BatchRecord, Scheduler
 from radai.storage.model_store import ModelStore
 
@@ -46,6 +47,8 @@ class HostOptions:
     devices: tuple[str, ...] = ()
     runner_on: Callable[[str], RunnerFactory] | None = None
     on_batch: Callable[[BatchRecord], None] | None = None
+    # Share of a GPU's free memory (at load) a model's batches may take; the batch is lowered to fit.
+    memory_fraction: float = 0.8
 
 
 @dataclass
@@ -157,6 +160,7 @@ class ModelHost:
             reference_check(package, self._make_runner)
             for factory in factories:  # one runner per device, all serving the model's queue
                 runners.append(factory(card.runtime.backend, package.weights, card.output.channels))
+            batch = self._batch(package, runners)
         except (ModelPackageError, RadaiError) as exc:
             for made in runners:
                 made.close()
@@ -164,7 +168,7 @@ class ModelHost:
         scheduler = Scheduler(
             card.id,  # metrics label: the model id (bounded), as for every other per-model metric
             runners,
-            card.runtime.max_batch,
+            batch,
             self._options.max_wait_s,
             on_batch=self._options.on_batch,
             aging_s=self._options.aging_s,
@@ -176,6 +180,26 @@ class ModelHost:
         where = "; ".join(_describe(r) for r in runners)
         log.info("model %s loaded (%s, %s)", package.key, card.runtime.backend, where)
         return _Loaded(ModelSlot(package, scheduler), scheduler, tuple(runners))
+
+    def _batch(self, package: ModelPackage, runners: list[ModelRunner]) -> int:
+        """The card's batch, lowered to what fits in `memory_fraction` of each GPU's free memory (measured
+        on the runner; a `whole`-volume model's window is only known per study, so it keeps the card's)."""
+        card = package.card
+        window = card.input.patch_size
+        if window == "whole":
+            return card.runtime.max_batch
+        batch = card.runtime.max_batch
+        for runner in runners:
+            try:
+                batch = min(
+                    batch, batch_for(runner, window, self._options.memory_fraction, batch, package.key)
+                )
+            except OutOfMemoryError:
+                log.warning(
+                    "model %s: two windows do not fit on %s; batches of 1", package.key, _describe(runner)
+                )
+                batch = 1
+        return batch
 
     @staticmethod
     def _unload(loaded: _Loaded) -> None:

@@ -10,24 +10,25 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 from pydicom import Dataset
 
 from radai.detection import decode_centers
 from radai.domain import Stage
 from radai.errors import InferenceError
-from radai.imaging.resample import Prepared, prepare, to_source_grid
+from radai.imaging.resample import Prepared, prepare, scores_to_source_grid, to_source_grid
 from radai.imaging.volume import Volume, build_volume
 from radai.models.manifest import CentersPost, ModelCard
 from radai.outputs import Needed, Output, needed, seg_key, sr_key
-from radai.ports import PatchInferer
-from radai.postprocess import restrict, to_labels
+from radai.ports import DeviceInferer, PatchInferer
+from radai.postprocess import restrict, tensor_labels, to_labels
 from radai.results.findings import DetectionFinding, FindingsRequest, build_findings_sr
 from radai.results.gsps import GspsRequest, build_gsps
 from radai.results.sc import ScRequest, iter_sc
 from radai.results.seg import Algorithm, CodedConcept, SegmentSpec, SegRequest, build_seg, check_source
 from radai.results.sr import KeyRegion, SegmentMeasurement, SrRequest, build_sr, measure_volumes
-from radai.scheduling.inferer import sliding_window
+from radai.scheduling.inferer import sliding_window, sliding_window_tensor
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +82,28 @@ def window_batch(card: ModelCard, urgent: bool) -> int:
     return max(card.runtime.max_batch, min(64, STAT_WINDOW_BYTES // per_window))
 
 
+def _device(inferer: PatchInferer) -> str | None:
+    return inferer.device if isinstance(inferer, DeviceInferer) else None
+
+
 def _model_scores(
     volume: Volume, card: ModelCard, inferer: PatchInferer, job_id: str, urgent: bool = False
-) -> tuple[NDArray[np.float32], Prepared]:
-    prepared = prepare(volume, card.input)
-    scores = sliding_window(
-        prepared.image,
-        card.input,
-        lambda p: inferer.infer(job_id, p),
-        sw_batch_size=window_batch(card, urgent),
-    )
+) -> tuple[torch.Tensor, Prepared]:
+    """Model-space scores (K, X', Y', Z'): on the inferer's device when it has one (the volume is resampled,
+    windowed and blended there), else on the host through numpy."""
+    device = _device(inferer)
+    sw_batch = window_batch(card, urgent)
+    if isinstance(inferer, DeviceInferer) and device is not None:
+        prepared = prepare(volume, card.input, device)
+        scores = sliding_window_tensor(
+            prepared.data, card.input, lambda p: inferer.infer_tensor(job_id, p), sw_batch_size=sw_batch
+        )
+    else:
+        prepared = prepare(volume, card.input)
+        host = sliding_window(
+            prepared.image, card.input, lambda p: inferer.infer(job_id, p), sw_batch_size=sw_batch
+        )
+        scores = torch.from_numpy(host)
     if scores.shape[0] != card.output.channels:
         raise InferenceError(f"model returned {scores.shape[0]} channels, card says {card.output.channels}")
     return scores, prepared
@@ -107,7 +120,10 @@ def infer_labels(
     """Model space, batched sliding window, back to the source grid, the card's postprocessing (argmax or
     thresholds, connected components), restricted to ``mask``: labels shaped like the volume."""
     scores, prepared = _model_scores(volume, card, inferer, job_id, urgent)
-    labels = to_labels(to_source_grid(scores, prepared), card.output)
+    if scores.device.type == "cpu":
+        labels = to_labels(to_source_grid(scores.numpy(), prepared), card.output)
+    else:  # resampled and reduced to labels on the device: only the 8-bit map comes back
+        labels = tensor_labels(scores_to_source_grid(scores, prepared), card.output)
     return labels if mask is None else restrict(labels, mask)
 
 
@@ -131,7 +147,8 @@ def infer_findings(
     post = card.output.postprocess
     if not isinstance(post, CentersPost):
         raise InferenceError(f"{card.key}: not a detection model")
-    scores, prepared = _model_scores(volume, card, inferer, job_id, urgent)
+    scores_t, prepared = _model_scores(volume, card, inferer, job_id, urgent)
+    scores = np.ascontiguousarray(scores_t.cpu().numpy(), dtype=np.float32)
     spacing = tuple(float(v) for v in np.linalg.norm(prepared.affine[:3, :3], axis=0))
     detections = decode_centers(scores, post, (spacing[0], spacing[1], spacing[2]))
     by_value = {lab.value: lab for lab in card.labels}

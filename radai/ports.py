@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -23,6 +23,9 @@ from radai.domain import (
     StudyState,
 )
 from radai.outputs import Output, OutputPlan
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ModelRunner(Protocol):
@@ -127,12 +130,41 @@ class DeliveryQueue(Protocol):
     def retry_dead(self, study_uid: str, at: float) -> int: ...
 
 
+@runtime_checkable
+class DeviceRunner(ModelRunner, Protocol):
+    """A runner that also takes torch tensors where they are (on a GPU: no trip through host memory)."""
+
+    @property
+    def device(self) -> str:
+        """Where it computes: `cpu` or `cuda:N`."""
+        ...
+
+    def run_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, C, *spatial) float32 on any device -> (N, K, *spatial) float32 on `device`; raises as `run`."""
+        ...
+
+
 class PatchInferer(Protocol):
     """Runs patches of one job through a model's batching scheduler (blocking the calling job thread)."""
 
     def infer(
         self, job_id: str, patches: NDArray[np.float32], priority: Priority = Priority.ROUTINE
     ) -> NDArray[np.float32]: ...
+
+
+@runtime_checkable
+class DeviceInferer(PatchInferer, Protocol):
+    """A PatchInferer whose model runs on a device that takes tensors: a job prepares its volume, cuts its
+    windows and blends their scores on `device` (None: on the host, as numpy arrays)."""
+
+    @property
+    def device(self) -> str | None: ...
+
+    def infer_tensor(
+        self, job_id: str, patches: torch.Tensor, priority: Priority = Priority.ROUTINE
+    ) -> torch.Tensor:
+        """(n, C, *patch) on `device` -> (n, K, *patch) on `device`, blocking like `infer`."""
+        ...
 
 
 class ResultDelivery(Protocol):

@@ -1,10 +1,12 @@
 """From class scores to a label map, as the card's `output` says: argmax or per-class thresholds, then the
 connected-component clean-up and the restriction to another model's mask (multi-model pipelines). Pure.
+`tensor_labels` takes the per-voxel step on the scores' device, so only the 8-bit label map reaches the host.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 from scipy import ndimage
 
@@ -58,6 +60,25 @@ def to_labels(scores: NDArray[np.float32], spec: OutputSpec) -> NDArray[np.uint8
     if spec.components is not None:
         labels = clean_components(labels, spec.components)
     return labels
+
+
+def tensor_labels(scores: torch.Tensor, spec: OutputSpec) -> NDArray[np.uint8]:
+    """`to_labels` for (K, X, Y, Z) scores in a tensor: argmax or thresholds where the tensor is (a GPU),
+    the connected-component clean-up on the host."""
+    post = spec.postprocess
+    with torch.inference_mode():
+        if isinstance(post, ThresholdPost):
+            probs = torch.sigmoid(scores[1:]) if post.activation == "sigmoid" else scores[1:]
+            top, best = torch.max(probs, dim=0)
+            labels = torch.where(top >= post.threshold, best + 1, 0)
+        elif isinstance(post, ArgmaxPost):
+            labels = torch.argmax(scores, dim=0)
+        else:
+            raise ValueError(f"postprocess {post.kind!r} does not make a label map")
+        host: NDArray[np.uint8] = labels.to(torch.uint8).cpu().numpy()
+    if spec.components is not None:
+        host = clean_components(host, spec.components)
+    return host
 
 
 def restrict(labels: NDArray[np.uint8], mask: NDArray[np.bool_]) -> NDArray[np.uint8]:

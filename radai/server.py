@@ -160,6 +160,7 @@ class Server:
                 devices=tuple(s.devices),
                 runner_on=make_runner_factory,
                 on_batch=self._on_batch,
+                memory_fraction=s.gpu_memory_fraction,
             ),
         )
 

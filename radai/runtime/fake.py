@@ -11,13 +11,18 @@ import threading
 import time
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from radai.errors import OutOfMemoryError
+from radai.runtime.memory import MemoryUse
 
 
 class FakeRunner:
-    """Implements radai.ports.ModelRunner without a model file."""
+    """Implements radai.ports.DeviceRunner without a model file (on the CPU: `run_tensor` scores a tensor
+    through `run` and answers on `device`)."""
+
+    device = "cpu"
 
     def __init__(
         self,
@@ -27,10 +32,12 @@ class FakeRunner:
         poison: float | None = None,
         memory_patches: int | None = None,
         hang_on: float | None = None,
+        memory: MemoryUse | None = None,
     ) -> None:
         """`delay_s` sleeps in every run (a slow GPU); a batch containing the value `poison` raises; a batch
         of more than `memory_patches` patches raises OutOfMemoryError (a small GPU); a batch containing the
-        value `hang_on` never returns until `release()` (a hung device)."""
+        value `hang_on` never returns until `release()` (a hung device); `memory` is what `memory_use` reports
+        (a GPU that measured the model)."""
         if output_channels < 1:
             raise ValueError(f"output_channels must be >= 1, got {output_channels}")
         self.output_channels = output_channels
@@ -38,8 +45,10 @@ class FakeRunner:
         self.poison = poison
         self.memory_patches = memory_patches
         self.hang_on = hang_on
+        self.memory = memory
         self._released = threading.Event()
         self.calls: list[int] = []  # batch size of every run, in call order
+        self.tensor_calls = 0  # how many of them came through run_tensor
         self.closed = False
         self._lock = threading.Lock()
 
@@ -69,6 +78,15 @@ class FakeRunner:
             self._released.wait()
             raise RuntimeError("fake runner: released after hanging")
         return self.expected(batch)
+
+    def run_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            self.tensor_calls += 1
+        scores = self.run(np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32))
+        return torch.from_numpy(scores).to(self.device)
+
+    def memory_use(self, window: tuple[int, ...]) -> MemoryUse | None:
+        return self.memory
 
     def release(self) -> None:
         """Let hung calls return (with an error)."""

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from radai.errors import InferenceError, OutOfMemoryError
+from radai.runtime.memory import MemoryUse
 from radai.runtime.onnx import parse_device
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ class _Graph:
 
 
 class TorchRunner:
-    """Implements radai.ports.ModelRunner on PyTorch; `run` is serialised by a lock (one device stream)."""
+    """Implements radai.ports.DeviceRunner on PyTorch; `run` and `run_tensor` are serialised by a lock (one
+    device stream)."""
 
     def __init__(
         self,
@@ -187,6 +189,10 @@ class TorchRunner:
                 f"ONNX model {model_path.name} has {declared} output channels, the card says {output_channels}"
             )
         self.output_channels: int | None = output_channels if output_channels is not None else declared
+        in_dims = inputs[0].type.tensor_type.shape.dim
+        self.input_channels: int = (
+            in_dims[1].dim_value if len(in_dims) > 1 and in_dims[1].HasField("dim_value") else 1
+        )
         self.input_name: str = inputs[0].name
         self.output_name: str = graph.output[0].name
         fp16_input = inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
@@ -244,6 +250,90 @@ class TorchRunner:
                 f"({channels} channels expected)"
             )
         return out
+
+    def run_tensor(self, batch: Any) -> Any:
+        """`run` for a tensor: (N, C, *spatial) on any device -> float32 scores on this runner's device. On
+        CUDA the batch is read where it lies (no host round trip) after the work that produced it on the
+        caller's stream; the scores are a fresh tensor, safe to use on that stream once this returns."""
+        torch = self._torch
+        try:
+            with self._lock:
+                if self._module is None:
+                    raise InferenceError(f"torch model {self._name} is closed")
+                if self._stream is None:
+                    with torch.inference_mode():
+                        x = batch.detach().to("cpu", torch.float32).contiguous().to(self._input_dtype)
+                        out = self._forward(x).float()
+                else:
+                    out = self._run_cuda_tensor(batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise OutOfMemoryError(f"torch ran out of memory on {self.device} for {self._name}") from exc
+        except InferenceError:
+            raise
+        except Exception as exc:
+            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if any(sign in message for sign in _CPU_OOM_SIGNS):
+                raise OutOfMemoryError(f"torch ran out of memory on cpu for {self._name}") from exc
+            raise InferenceError(f"torch failed on {self._name}: {message}") from exc
+        channels = self.output_channels
+        if (
+            out.ndim < 2
+            or out.shape[0] != batch.shape[0]
+            or (channels is not None and out.shape[1] != channels)
+        ):
+            raise InferenceError(
+                f"torch model {self._name} returned shape {tuple(out.shape)} for batch {tuple(batch.shape)} "
+                f"({channels} channels expected)"
+            )
+        return out
+
+    def _run_cuda_tensor(self, batch: Any) -> Any:
+        torch = self._torch
+        device = torch.device(self.device)
+        with torch.inference_mode(), torch.cuda.device(device):
+            caller = torch.cuda.current_stream(device)
+            self._stream.wait_stream(caller)  # the kernels that wrote `batch` come first
+            with torch.cuda.stream(self._stream):
+                x = batch.detach().to(device, torch.float32, non_blocking=True).contiguous()
+                x = x.to(self._input_dtype)
+                graph = self._graph_for(x) if self.cuda_graphs else None
+                if graph is None:
+                    out = self._forward(x)
+                else:
+                    graph.static_in.copy_(x)
+                    graph.graph.replay()
+                    out = graph.static_out  # overwritten by the next replay: copied below
+                result = out.to(torch.float32, copy=True)
+            self._stream.synchronize()
+            result.record_stream(caller)  # freed by the caller: its stream's pending reads come first
+        return result
+
+    def memory_use(self, window: tuple[int, ...]) -> MemoryUse | None:
+        """Device memory for batches of this window (radai.runtime.memory): the peak allocation while scoring
+        one window and two, eagerly (no graph captured for the probe). None on the CPU."""
+        if self._stream is None:
+            return None
+        torch = self._torch
+        device = torch.device(self.device)
+        graphs, self.cuda_graphs = self.cuda_graphs, False
+        try:
+            torch.cuda.synchronize(device)
+            free, _ = torch.cuda.mem_get_info(device)
+            peaks = []
+            for n in (1, 2):
+                x = torch.zeros((n, self.input_channels, *window), device=device)
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                self.run_tensor(x)
+                torch.cuda.synchronize(device)
+                peaks.append(int(torch.cuda.max_memory_allocated(device)) - int(base))
+                del x
+        finally:
+            self.cuda_graphs = graphs
+        per_window = max(peaks[1] - peaks[0], 0)
+        return MemoryUse(max(peaks[0] - per_window, 0), per_window, int(free))
 
     def _forward(self, x: Any) -> Any:
         torch = self._torch

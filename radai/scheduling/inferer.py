@@ -1,7 +1,9 @@
-"""Sliding-window inference over one volume with MONAI, for any numpy predictor.
+"""Sliding-window inference over one volume with MONAI, for any predictor.
 
 MONAI's inferer takes any callable, so the windowing, padding and blending are MONAI's and the predictor can
-be anything: the scheduler (`lambda p: scheduler.infer(job_id, p)`), an ONNX session, a fake.
+be anything: the scheduler (`lambda p: scheduler.infer(job_id, p)`), an ONNX session, a fake. `sliding_window`
+works on the host with numpy; `sliding_window_tensor` keeps the volume, the windows, the Gaussian importance
+map and the blended scores on the volume's device (a GPU: no window crosses to host memory).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from numpy.typing import NDArray
 from radai.models.manifest import InputSpec
 
 Predict = Callable[[NDArray[np.float32]], NDArray[np.float32]]
+PredictTensor = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _as_predictor(predict: Predict) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -46,24 +49,37 @@ def sliding_window(
     `predict` gets (n <= sw_batch_size, C, *patch_size) float32 and returns (n, K, *patch_size) float32.
     Volumes smaller than a patch are padded with `spec.pad_value` and cropped back.
     """
+    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    out = sliding_window_tensor(volume, spec, _as_predictor(predict), sw_batch_size)
+    return np.ascontiguousarray(out.numpy(), dtype=np.float32)
+
+
+def sliding_window_tensor(
+    image: torch.Tensor,
+    spec: InputSpec,
+    predict: PredictTensor,
+    sw_batch_size: int,
+) -> torch.Tensor:
+    """`sliding_window` on a (C, X, Y, Z) tensor: windows cut, scored by `predict` and blended on the
+    image's device; returns (K, X, Y, Z) float32 there."""
     if image.ndim != 4 or image.shape[0] != spec.channels:
-        raise ValueError(f"image must be ({spec.channels}, X, Y, Z), got shape {image.shape}")
+        raise ValueError(f"image must be ({spec.channels}, X, Y, Z), got shape {tuple(image.shape)}")
     if sw_batch_size < 1:
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
-    volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None]
+    device = image.device
     with torch.inference_mode():
         out = sliding_window_inference(
-            volume,
-            roi_size=window_size(image.shape[1:], spec),
+            image.to(torch.float32)[None],
+            roi_size=window_size(tuple(int(n) for n in image.shape[1:]), spec),
             sw_batch_size=sw_batch_size,
-            predictor=_as_predictor(predict),
+            predictor=predict,
             overlap=spec.overlap,
             mode=spec.blend,
             cval=spec.pad_value,
             padding_mode="constant",
-            sw_device="cpu",
-            device="cpu",
+            sw_device=device,
+            device=device,
         )
     if not isinstance(out, torch.Tensor):  # only for predictors returning tuples or dicts
         raise TypeError(f"predict must return one array, MONAI gave {type(out).__name__}")
-    return np.ascontiguousarray(torch.as_tensor(out)[0].numpy(), dtype=np.float32)
+    return torch.as_tensor(out)[0]

@@ -14,12 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
 from radai import metrics
 from radai.domain import Priority
 from radai.errors import InferenceError, InferenceTimeoutError, OutOfMemoryError
-from radai.ports import ModelRunner
+from radai.ports import DeviceRunner, ModelRunner
+from radai.scheduling.calls import Call, Rows, all_finite, as_float32, concat, stack
 from radai.scheduling.policy import Batch, BatchPolicy, PatchRef
 
 log = logging.getLogger(__name__)
@@ -37,59 +39,7 @@ class BatchRecord:
     failed: bool = False  # the runner raised or returned an unusable shape
 
 
-class _Call:
-    """One `infer` call: resolved once, with every row filled or with the first error."""
-
-    def __init__(self, job_id: str, n: int, spatial: tuple[int, ...]) -> None:
-        self.job_id = job_id
-        self._n = n
-        self._spatial = spatial
-        self._remaining = n
-        self._out: NDArray[np.float32] | None = None
-        self._error: str | None = None
-        self._cause: BaseException | None = None
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def fill(self, rows: Sequence[int], scores: NDArray[np.float32]) -> None:
-        with self._lock:
-            if self._done.is_set():
-                return
-            if self._out is None:
-                self._out = np.empty((self._n, scores.shape[1], *self._spatial), dtype=np.float32)
-            elif self._out.shape[1] != scores.shape[1]:
-                self._resolve_error(
-                    f"model returned {scores.shape[1]} channels, earlier batches {self._out.shape[1]}", None
-                )
-                return
-            self._out[list(rows)] = scores
-            self._remaining -= len(rows)
-            if self._remaining == 0:
-                self._done.set()
-
-    def fail(self, message: str, cause: BaseException | None) -> None:
-        with self._lock:
-            if not self._done.is_set():
-                self._resolve_error(message, cause)
-
-    def _resolve_error(self, message: str, cause: BaseException | None) -> None:
-        self._error, self._cause, self._out = message, cause, None
-        self._done.set()
-
-    def wait(self) -> NDArray[np.float32]:
-        self._done.wait()
-        if self._error is not None:
-            raise InferenceError(self._error) from self._cause
-        if self._out is None:  # unreachable: done without error means every row was filled
-            raise InferenceError("internal error: call resolved without scores")
-        return self._out
-
-
-_Work = tuple[_Call, int, NDArray[np.float32]]  # (call, row in the call, patch)
+_Work = tuple[Call, int, Rows]  # (call, row in the call, patch)
 
 
 class Scheduler:
@@ -107,10 +57,14 @@ class Scheduler:
         timeout_s: float | None = None,
         in_flight: int = 1,
         backend: str = "unknown",
+        device_path: bool | None = None,
     ) -> None:
         """Several runners (one per GPU) share this model's queue, each serving `in_flight` batches at once
         (one worker thread each): on a GPU, 2 overlaps one batch's host-to-device copy and host work with the
-        other's compute; on a CPU, 1 lets patches accumulate into full batches while the runner is busy."""
+        other's compute; on a CPU, 1 lets patches accumulate into full batches while the runner is busy.
+
+        `device_path`: whether jobs keep their work on the runners' device as tensors (`device`); by default
+        when every runner takes tensors (radai.ports.DeviceRunner) and they compute on CUDA."""
         if in_flight < 1:
             raise ValueError(f"in_flight must be >= 1, got {in_flight}")
         self.model = model
@@ -119,6 +73,8 @@ class Scheduler:
         if not self._runners:
             raise ValueError("a scheduler needs at least one runner")
         self._policy = BatchPolicy(max_batch, max_wait_s, aging_s)
+        self._devices = _job_devices(self._runners, device_path)
+        self._next_device = 0
         self._timeout_s = timeout_s
         self._on_batch = on_batch
         self._clock = clock
@@ -127,13 +83,30 @@ class Scheduler:
         self._next_index = 0
         self._state = "new"  # new -> running -> stopped
         self._threads: list[threading.Thread] = []
-        self._inflight: dict[int, tuple[_Call, ...]] = {}  # worker index -> the calls of its running batch
+        self._inflight: dict[int, tuple[Call, ...]] = {}  # worker index -> the calls of its running batch
         self._m_size = metrics.BATCH_SIZE.labels(model=model)
         self._m_jobs = metrics.BATCH_JOBS.labels(model=model)
         self._m_run = metrics.BATCH_SECONDS.labels(model=model)
         self._m_backend = metrics.INFERENCE_SECONDS.labels(backend=backend)
         self._m_wait = metrics.BATCH_WAIT_SECONDS.labels(model=model)
         self._m_depth = metrics.QUEUE_DEPTH.labels(model=model)
+
+    @property
+    def device(self) -> str | None:
+        """Where the next job of this model prepares, cuts and blends (torch tensors, `infer_tensor`): the
+        runners' devices in turn, so that with several GPUs each holds its share of the jobs' work; None: on
+        the host as numpy arrays (`infer`)."""
+        if not self._devices:
+            return None
+        with self._cond:
+            self._next_device += 1
+            return self._devices[(self._next_device - 1) % len(self._devices)]
+
+    @property
+    def max_batch(self) -> int:
+        """The size at which a batch closes now (lowered after an out-of-memory split)."""
+        with self._cond:
+            return self._policy.max_batch
 
     @property
     def depth(self) -> int:
@@ -200,15 +173,30 @@ class Scheduler:
         The patches may be split over several batches and share them with other jobs' patches.
         Raises InferenceError if the runner fails on one of those batches or returns unusable scores.
         """
-        if patches.ndim < 3 or patches.shape[0] == 0:
-            raise ValueError(f"patches must be (n >= 1, C, *spatial), got shape {patches.shape}")
-        batch = np.ascontiguousarray(patches, dtype=np.float32)
-        call = _Call(job_id, batch.shape[0], tuple(batch.shape[2:]))
+        out = self._submit(job_id, np.ascontiguousarray(patches, dtype=np.float32), priority)
+        if not isinstance(out, np.ndarray):  # unreachable: a call answers in the kind it was given
+            raise InferenceError("internal error: scores of a numpy call came back as a tensor")
+        return out
+
+    def infer_tensor(
+        self, job_id: str, patches: torch.Tensor, priority: Priority = Priority.ROUTINE
+    ) -> torch.Tensor:
+        """As `infer`, for a tensor: the scores come back as a float32 tensor on the patches' device (on the
+        device path no row leaves the GPU)."""
+        out = self._submit(job_id, patches.to(torch.float32), priority)
+        if not isinstance(out, torch.Tensor):  # unreachable: a call answers in the kind it was given
+            raise InferenceError("internal error: scores of a tensor call came back as numpy")
+        return out
+
+    def _submit(self, job_id: str, batch: Rows, priority: Priority) -> Rows:
+        if batch.ndim < 3 or batch.shape[0] == 0:
+            raise ValueError(f"patches must be (n >= 1, C, *spatial), got shape {tuple(batch.shape)}")
+        call = Call(job_id, batch)
         with self._cond:
             if self._state != "running":
                 raise InferenceError(f"scheduler for model {self.model} is not running")
             now = self._clock()
-            for row in range(batch.shape[0]):
+            for row in range(int(batch.shape[0])):
                 ref = PatchRef(job_id, self._next_index)
                 self._next_index += 1
                 self._pending[ref] = (call, row, batch[row])
@@ -252,11 +240,11 @@ class Scheduler:
         return None
 
     def _run(self, batch: Batch, work: list[_Work], runner: ModelRunner) -> None:
-        x = np.stack([patch for _, _, patch in work])
+        x = stack([patch for _, _, patch in work], _runner_device(runner))
         calls = dict.fromkeys(call for call, _, _ in work)
         job_ids = tuple(dict.fromkeys(call.job_id for call in calls))
         started = self._clock()
-        scores: NDArray[np.float32] | None = None
+        scores: Rows | None = None
         try:
             scores = self._infer(x, runner)
         except Exception as exc:
@@ -287,11 +275,11 @@ class Scheduler:
             except Exception:
                 log.exception("model %s: on_batch callback failed", self.model)
 
-    def _infer(self, x: NDArray[np.float32], runner: ModelRunner) -> NDArray[np.float32]:
+    def _infer(self, x: Rows, runner: ModelRunner) -> Rows:
         """Run a batch; on out-of-memory split it in halves (recursively) and cap later batches at the size
         that fits, so one too-large batch costs a retry, not the jobs in it."""
         try:
-            return self._check_shape(self._call_runner(x, runner), x.shape)
+            return self._check_shape(self._call_runner(x, runner), tuple(x.shape))
         except OutOfMemoryError:
             n = int(x.shape[0])
             if n == 1:
@@ -304,19 +292,27 @@ class Scheduler:
                 n,
                 self._policy.max_batch,
             )
-            return np.concatenate([self._infer(x[:half], runner), self._infer(x[half:], runner)])
+            return concat([self._infer(x[:half], runner), self._infer(x[half:], runner)])
 
-    def _call_runner(self, x: NDArray[np.float32], runner: ModelRunner) -> NDArray[np.float32]:
-        """`runner.run(x)`, given up after `timeout_s`: the call runs on its own daemon thread, so a hung
-        device fails its batch's jobs and the worker goes on with the next batch."""
+    def _call_runner(self, x: Rows, runner: ModelRunner) -> Rows:
+        """The runner on `x` (a tensor through `run_tensor`), given up after `timeout_s`: the call runs on its
+        own daemon thread, so a hung device fails its batch's jobs and the worker goes on with the next batch."""
+
+        def run() -> Rows:
+            if isinstance(x, np.ndarray):
+                return as_float32(runner.run(x))
+            if not isinstance(runner, DeviceRunner):  # stack() gives tensors only to runners that take them
+                raise InferenceError(f"model {self.model}: its runner takes no tensors")
+            return as_float32(runner.run_tensor(x))
+
         if self._timeout_s is None:
-            return runner.run(x)
-        box: list[NDArray[np.float32] | BaseException] = []
+            return run()
+        box: list[Rows | BaseException] = []
         done = threading.Event()
 
         def call() -> None:
             try:
-                box.append(runner.run(x))
+                box.append(run())
             except BaseException as exc:
                 box.append(exc)
             finally:
@@ -332,30 +328,47 @@ class Scheduler:
             raise result
         return result
 
-    def _check_shape(self, out: NDArray[np.float32], in_shape: tuple[int, ...]) -> NDArray[np.float32]:
-        scores = np.asarray(out, dtype=np.float32)
+    def _check_shape(self, out: Rows, in_shape: tuple[int, ...]) -> Rows:
+        scores = as_float32(out)
         if (
             scores.ndim != len(in_shape)
             or scores.shape[0] != in_shape[0]
-            or scores.shape[2:] != in_shape[2:]
+            or tuple(scores.shape[2:]) != in_shape[2:]
             or scores.shape[1] < 1
         ):
             raise InferenceError(
-                f"model {self.model} returned shape {scores.shape} for input {in_shape}, "
+                f"model {self.model} returned shape {tuple(scores.shape)} for input {in_shape}, "
                 "expected (N, K, *spatial of the input)"
             )
         return scores
 
-    def _deliver(self, work: list[_Work], scores: NDArray[np.float32]) -> None:
+    def _deliver(self, work: list[_Work], scores: Rows) -> None:
         """Give each call its rows; a call whose rows hold NaN/inf fails alone (its input, not the batch)."""
-        by_call: dict[_Call, tuple[list[int], list[int]]] = {}
+        by_call: dict[Call, tuple[list[int], list[int]]] = {}
         for position, (call, row, _) in enumerate(work):
             positions, rows = by_call.setdefault(call, ([], []))
             positions.append(position)
             rows.append(row)
         for call, (positions, rows) in by_call.items():
-            mine = scores[positions]
-            if not np.isfinite(mine).all():
+            mine = scores[positions] if isinstance(scores, np.ndarray) else scores[torch.as_tensor(positions)]
+            if not all_finite(mine):
                 call.fail(f"model {self.model} returned non-finite scores (NaN or inf)", None)
             else:
                 call.fill(rows, mine)
+
+
+def _runner_device(runner: ModelRunner) -> str | None:
+    return runner.device if isinstance(runner, DeviceRunner) else None
+
+
+def _job_devices(runners: Sequence[ModelRunner], device_path: bool | None) -> tuple[str, ...]:
+    """The devices jobs work on: the runners' own when they all take tensors (and, by default, on CUDA)."""
+    takes_tensors = all(isinstance(r, DeviceRunner) for r in runners)
+    if device_path and not takes_tensors:
+        raise ValueError("device_path needs runners that take tensors (radai.ports.DeviceRunner)")
+    if not takes_tensors or device_path is False:
+        return ()
+    devices = tuple(dict.fromkeys(d for d in (_runner_device(r) for r in runners) if d is not None))
+    if device_path is None and not all(d.startswith("cuda") for d in devices):
+        return ()
+    return devices
