@@ -7,10 +7,12 @@ its scores, or with `InferenceError` (runner failure, bad output, cancellation, 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,6 +76,12 @@ class Scheduler:
             raise ValueError("a scheduler needs at least one runner")
         self._policy = BatchPolicy(max_batch, max_wait_s, aging_s)
         self._devices = _job_devices(self._runners, device_path)
+        # On the device path a batch is formed only once its runner is free (a STAT patch arriving meanwhile
+        # waits for the running batch alone, not for one already formed behind it), and the rows of one batch
+        # are handed out while the next runs. On the host path the workers stage batches in parallel.
+        self._gates: tuple[AbstractContextManager[object], ...] = tuple(
+            threading.Lock() if self._devices else contextlib.nullcontext() for _ in self._runners
+        )
         self._next_device = 0
         self._timeout_s = timeout_s
         self._on_batch = on_batch
@@ -208,18 +216,23 @@ class Scheduler:
     # -- worker thread -------------------------------------------------------------------------------------
 
     def _serve(self, worker: int) -> None:
+        runner = self._runners[worker // self._in_flight]
+        gate = self._gates[worker // self._in_flight]
         while True:
-            with self._cond:
-                batch = self._next_batch()
-                if batch is None:
-                    return
-                work = [self._pending.pop(ref) for ref in batch.items]
-                work = [w for w in work if not w[0].done]  # calls that failed already: skip their rows
-                self._inflight[worker] = tuple(dict.fromkeys(call for call, _, _ in work))
-                self._m_depth.set(self._policy.depth)
+            work: list[_Work] = []
             try:
-                if work:
-                    self._run(batch, work, self._runners[worker // self._in_flight])
+                with gate:
+                    with self._cond:
+                        batch = self._next_batch()
+                        if batch is None:
+                            return
+                        work = [self._pending.pop(ref) for ref in batch.items]
+                        work = [w for w in work if not w[0].done]  # calls that failed already: skip them
+                        self._inflight[worker] = tuple(dict.fromkeys(call for call, _, _ in work))
+                        self._m_depth.set(self._policy.depth)
+                    ran = self._execute(work, runner) if work else None
+                if ran is not None:
+                    self._finish(batch, work, *ran)
             except Exception as exc:  # never let the worker die: fail this batch and go on
                 log.exception("model %s: scheduler error", self.model)
                 for call, _, _ in work:
@@ -239,27 +252,33 @@ class Scheduler:
             self._cond.wait(None if deadline is None else max(deadline - now, 0.0))
         return None
 
-    def _run(self, batch: Batch, work: list[_Work], runner: ModelRunner) -> None:
+    def _execute(self, work: list[_Work], runner: ModelRunner) -> tuple[Rows | None, float, float]:
+        """Run one batch: (its scores, or None when it failed and its calls were failed; start; seconds)."""
         x = stack([patch for _, _, patch in work], _runner_device(runner))
-        calls = dict.fromkeys(call for call, _, _ in work)
-        job_ids = tuple(dict.fromkeys(call.job_id for call in calls))
         started = self._clock()
         scores: Rows | None = None
         try:
             scores = self._infer(x, runner)
         except Exception as exc:
+            calls = dict.fromkeys(call for call, _, _ in work)
             reason = str(exc) if isinstance(exc, InferenceError) else f"{type(exc).__name__}: {exc}"
             log.warning(
                 "model %s: batch of %d patches from jobs %s failed: %s",
                 self.model,
                 len(work),
-                ",".join(job_ids),
+                ",".join(dict.fromkeys(call.job_id for call in calls)),
                 reason,
             )
             message = f"inference failed for model {self.model}: {reason}"
             for call in calls:
                 call.fail(message, exc)
-        run_s = self._clock() - started
+        return scores, started, self._clock() - started
+
+    def _finish(
+        self, batch: Batch, work: list[_Work], scores: Rows | None, started: float, run_s: float
+    ) -> None:
+        """Hand each job its rows and record the batch (after the runner is free for the next one)."""
+        job_ids = tuple(dict.fromkeys(call.job_id for call, _, _ in work))
         if scores is not None:
             self._deliver(work, scores)
         waited_s = started - batch.oldest_enqueued_at

@@ -11,9 +11,15 @@ Rules:
 - each job has a priority lane (STAT, routine, background). Patches are taken lane by lane, the best lane
   first; a job's lane improves by one for every `aging_s` its oldest queued patch has waited, so background
   work is never starved by a steady stream of routine studies;
-- within a lane, patches are taken round-robin across jobs, starting in order of each job's first arrival and
-  rotating from one batch to the next, so a large study never starves a small one and concurrent jobs share
-  batches; within one job, first in, first out.
+- within a lane, jobs take turns in order of their first arrival: a turn is up to `max_batch` consecutive
+  patches of one job (a turn cut short by a full batch goes on in the next one), then the job moves to the
+  back of the rotation, so a large study never starves a small one and a batch that one job cannot fill is
+  filled with the next jobs' patches; within one job, first in, first out.
+
+Why turns and not one patch per job in rotation: a job's call (`sw_batch_size` windows, radai.pipeline) then
+runs in one batch instead of being spread over many, so each study gets its scores back after one batch and
+blends them while the device runs the next study's batch, instead of every study waiting for the last batch
+and then blending at once beside an idle device.
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class BatchPolicy:
         # back when its first patch arrives and leaves when it has none queued.
         self._queues: OrderedDict[str, deque[tuple[PatchRef, float]]] = OrderedDict()
         self._lanes: dict[str, Priority] = {}
+        self._turns: dict[str, int] = {}  # patches taken in a turn that a full batch cut short
         self._depth = 0
 
     @property
@@ -139,26 +146,35 @@ class BatchPolicy:
         for job in self._queues:  # rotation order
             by_lane.setdefault(self.lane(job, now), []).append(job)
         for lane in sorted(by_lane):
-            jobs = deque(by_lane[lane])
-            while jobs and len(taken) < self._max_batch:
-                job = jobs.popleft()
-                queue = self._queues[job]
-                taken.append(queue.popleft())
-                if queue:
-                    jobs.append(job)
-                    self._queues.move_to_end(job)
-                else:
-                    del self._queues[job]
-                    del self._lanes[job]
+            for job in by_lane[lane]:
+                self._take_turn(job, taken)
+                if len(taken) >= self._max_batch:
+                    break
             if len(taken) >= self._max_batch:
                 break
         self._depth -= len(taken)
         return Batch(items=tuple(ref for ref, _ in taken), oldest_enqueued_at=min(t for _, t in taken))
 
+    def _take_turn(self, job: str, taken: list[tuple[PatchRef, float]]) -> None:
+        """Move the job's next patches of its turn into `taken`, and its place in the rotation on."""
+        queue = self._queues[job]
+        used = self._turns.pop(job, 0)
+        n = max(min(self._max_batch - len(taken), self._max_batch - used, len(queue)), 0)
+        taken.extend(queue.popleft() for _ in range(n))
+        used += n
+        if not queue:
+            del self._queues[job]
+            del self._lanes[job]
+        elif used >= self._max_batch:
+            self._queues.move_to_end(job)  # its turn is over
+        else:
+            self._turns[job] = used  # the batch filled up mid-turn: the turn goes on in the next batch
+
     def cancel(self, job_id: str) -> list[PatchRef]:
         """Drop every queued patch of a job; return them in their queue order."""
         queue = self._queues.pop(job_id, None)
         self._lanes.pop(job_id, None)
+        self._turns.pop(job_id, None)
         if queue is None:
             return []
         self._depth -= len(queue)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +304,40 @@ def test_with_several_devices_jobs_are_spread_over_them_in_turn() -> None:
     second.device = "cuda:1"  # a label only: these jobs are never run
     scheduler = Scheduler("m", [first, second], 4, 0.0, device_path=True)
     assert [scheduler.device for _ in range(4)] == ["cpu", "cuda:1", "cpu", "cuda:1"]
+
+
+def test_on_the_device_path_a_stat_job_waits_only_for_the_running_batch() -> None:
+    """Two batches in flight, but the second is formed only when the runner is free: the STAT patches that
+    arrived while the first ran go before the routine ones that arrived earlier."""
+    order: list[tuple[str, ...]] = []
+    fake = FakeRunner(2, delay_s=0.5)
+    scheduler = started(
+        Scheduler(
+            "m", fake, 2, 0.0, in_flight=2, device_path=True, on_batch=lambda r: order.append(r.job_ids)
+        )
+    )
+
+    def job(name: str, priority: Priority) -> threading.Thread:
+        x = torch.from_numpy(patches(2, 0.4))
+        thread = threading.Thread(target=scheduler.infer_tensor, args=(name, x, priority))
+        thread.start()
+        return thread
+
+    try:
+        threads = [job("first", Priority.ROUTINE)]
+        wait_for(lambda: fake.calls == [2])  # the first batch is running
+        threads.append(job("routine", Priority.ROUTINE))
+        time.sleep(0.05)
+        threads.append(job("stat", Priority.STAT))
+        for thread in threads:
+            thread.join(10)
+    finally:
+        scheduler.stop()
+    assert order == [("first",), ("stat",), ("routine",)]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.005)

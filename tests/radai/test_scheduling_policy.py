@@ -42,7 +42,7 @@ def test_partial_batch_closes_exactly_at_first_queued_plus_max_wait() -> None:
     assert batch.oldest_enqueued_at == 1.0
 
 
-def test_round_robin_mixes_jobs_in_order_of_first_arrival() -> None:
+def test_jobs_take_turns_of_a_batch_in_order_of_first_arrival() -> None:
     policy = BatchPolicy(max_batch=4, max_wait_s=1.0)
     for ref in refs("A", 4):
         policy.submit(ref, now=0.0)
@@ -50,11 +50,20 @@ def test_round_robin_mixes_jobs_in_order_of_first_arrival() -> None:
         policy.submit(ref, now=0.1)
     first = policy.next_batch(now=0.1)
     second = policy.next_batch(now=0.1)
-    assert labels(first) == ["A0", "B0", "A1", "B1"]
-    assert labels(second) == ["A2", "B2", "A3", "B3"]
-    assert first is not None
-    assert first.job_ids == ("A", "B")
+    assert labels(first) == ["A0", "A1", "A2", "A3"]  # A's call runs in one batch, then B's
+    assert labels(second) == ["B0", "B1", "B2", "B3"]
     assert policy.next_batch(now=100.0) is None
+
+
+def test_a_batch_one_job_cannot_fill_is_filled_with_the_next_jobs_patches() -> None:
+    policy = BatchPolicy(max_batch=4, max_wait_s=1.0)
+    for job, n in (("A", 3), ("B", 3), ("C", 3)):
+        for ref in refs(job, n):
+            policy.submit(ref, now=0.0)
+    first = policy.next_batch(now=0.0)
+    assert labels(first) == ["A0", "A1", "A2", "B0"]
+    assert first is not None and first.job_ids == ("A", "B")
+    assert labels(policy.next_batch(now=0.0)) == ["B1", "B2", "C0", "C1"]  # B's turn goes on first
 
 
 def test_small_job_is_not_starved_by_a_large_one_queued_before_it() -> None:
@@ -62,11 +71,11 @@ def test_small_job_is_not_starved_by_a_large_one_queued_before_it() -> None:
     for ref in refs("big", 100):
         policy.submit(ref, now=0.0)
     policy.submit(PatchRef("small", 0), now=0.2)
-    batch = policy.next_batch(now=0.2)
-    assert labels(batch) == ["big0", "small0", "big1", "big2"]
+    assert labels(policy.next_batch(now=0.2)) == ["big0", "big1", "big2", "big3"]
+    assert labels(policy.next_batch(now=0.2)) == ["small0", "big4", "big5", "big6"]
 
 
-def test_rotation_continues_across_batches_so_each_job_gets_an_equal_share() -> None:
+def test_turns_rotate_across_batches_so_each_job_gets_an_equal_share() -> None:
     policy = BatchPolicy(max_batch=4, max_wait_s=1.0)
     for job in "ABC":
         for ref in refs(job, 8):
@@ -78,6 +87,18 @@ def test_rotation_continues_across_batches_so_each_job_gets_an_equal_share() -> 
         for ref in batch.items:
             taken[ref.job_id] += 1
     assert taken == {"A": 4, "B": 4, "C": 4}
+
+
+def test_a_lowered_batch_size_shortens_the_turn_of_a_job_in_the_middle_of_one() -> None:
+    policy = BatchPolicy(max_batch=4, max_wait_s=1.0)
+    for ref in refs("A", 3):
+        policy.submit(ref, now=0.0)
+    for ref in refs("B", 6):
+        policy.submit(ref, now=0.0)
+    assert labels(policy.next_batch(now=0.0)) == ["A0", "A1", "A2", "B0"]
+    policy.limit(2)  # B has had 1 of its turn; the turn is now 2
+    assert labels(policy.next_batch(now=0.0)) == ["B1"]
+    assert labels(policy.next_batch(now=0.0)) == ["B2", "B3"]
 
 
 def test_within_a_job_patches_leave_first_in_first_out() -> None:
@@ -95,11 +116,11 @@ def test_deadline_follows_the_oldest_patch_still_queued() -> None:
     policy.submit(PatchRef("A", 1), now=2.0)
     policy.submit(PatchRef("B", 0), now=3.0)
     assert policy.deadline() == pytest.approx(1.25)
-    assert labels(policy.next_batch(now=3.0)) == ["A0", "B0"]  # full: closes without waiting
-    assert policy.deadline() == pytest.approx(2.25)  # A1 is the oldest left
-    assert policy.next_batch(now=2.2) is None
-    batch = policy.next_batch(now=3.0)
-    assert labels(batch) == ["A1"]
+    assert labels(policy.next_batch(now=3.0)) == ["A0", "A1"]  # full: closes without waiting
+    assert policy.deadline() == pytest.approx(3.25)  # B0 is the oldest left
+    assert policy.next_batch(now=3.2) is None
+    batch = policy.next_batch(now=3.25)
+    assert labels(batch) == ["B0"]
     assert policy.deadline() is None
 
 
@@ -185,7 +206,7 @@ def test_background_work_is_promoted_by_aging_so_a_routine_stream_cannot_starve_
         if "B0" in served:
             break
     assert "B0" in served
-    # it waited 10 s to reach the routine lane and then took its round-robin turn, not 25 s or forever
+    # it waited 10 s to reach the routine lane and then took its turn, not 25 s or forever
     assert 10 <= served.index("B0") // 2 <= 12
 
 
