@@ -13,9 +13,10 @@ import time
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
-from radai.ports import ModelRunner
+from radai.ports import DeviceRunner, ModelRunner
 
 Array = NDArray[np.float32]
 
@@ -31,6 +32,21 @@ class BusyRunner:
     def run(self, batch: Array) -> Array:
         start = time.perf_counter()
         out = self.inner.run(batch)
+        end = time.perf_counter()
+        with self._lock:
+            self.spans.append((start, end, int(batch.shape[0])))
+        return out
+
+    @property
+    def device(self) -> str:
+        """The inner runner's device (radai.ports.DeviceRunner), `cpu` for runners that take no tensors."""
+        return self.inner.device if isinstance(self.inner, DeviceRunner) else "cpu"
+
+    def run_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.inner, DeviceRunner):
+            raise TypeError(f"{type(self.inner).__name__} takes no tensors")
+        start = time.perf_counter()
+        out = self.inner.run_tensor(batch)  # returns once the scores are complete on the device
         end = time.perf_counter()
         with self._lock:
             self.spans.append((start, end, int(batch.shape[0])))
@@ -57,19 +73,28 @@ def busy_fraction(spans: Sequence[tuple[float, float, int]], t0: float, t1: floa
 
 
 def limit_sweep(
-    runner: ModelRunner, patch: int, batches: Sequence[int], rounds: int
+    runner: BusyRunner, patch: int, batches: Sequence[int], rounds: int, device: str | None = None
 ) -> dict[int, list[float]]:
     """Raw runner seconds per call on random patches for each batch size: a warm-up, then `rounds` passes
-    over every batch size (interleaved, so a burst of load from elsewhere does not hit one size only)."""
+    over every batch size (interleaved, so a burst of load from elsewhere does not hit one size only). With
+    `device`, the patches lie there already and go through `run_tensor` (what the device path feeds it)."""
     rng = np.random.default_rng(2)
     xs = {b: rng.random((b, 1, patch, patch, patch), dtype=np.float32) for b in batches}
-    for x in xs.values():
-        runner.run(x)
+    tensors = {b: torch.from_numpy(x).to(device) for b, x in xs.items()} if device is not None else {}
+
+    def run(b: int) -> None:
+        if device is None:
+            runner.run(xs[b])
+        else:
+            runner.run_tensor(tensors[b])
+
+    for b in batches:
+        run(b)
     times: dict[int, list[float]] = {b: [] for b in batches}
     for _ in range(rounds):
-        for b, x in xs.items():
+        for b in batches:
             t = time.perf_counter()
-            runner.run(x)
+            run(b)
             times[b].append(time.perf_counter() - t)
     return times
 

@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,11 @@ from benchmarks.runner_timing import BusyRunner, LoadSampler, busy_fraction, lim
 from radai.domain import Priority
 from radai.errors import InferenceError
 from radai.models.manifest import InputSpec
+from radai.pipeline import STAT_WINDOW_BYTES
 from radai.ports import ModelRunner
 from radai.runtime import create_runner
-from radai.scheduling.inferer import sliding_window
+from radai.runtime.tuning import tune_batch
+from radai.scheduling.inferer import sliding_window, sliding_window_tensor
 from radai.scheduling.loop import BatchRecord, Scheduler
 
 Array = NDArray[np.float32]
@@ -99,22 +101,49 @@ class Serving:
     max_wait_s: float
     sw_batch: int
     stat_sw_batch: int
+    device: str | None = None  # the device path: volumes, windows and blending on this device (tensors)
 
 
 @dataclass
 class Served:
     latencies: list[float]  # per study, from the common arrival
-    outputs: list[Array]
+    outputs: list[Scores]
     wall_s: float
     spans: list[tuple[float, float, int]]
     t0: float
     batch_jobs: list[int]  # distinct studies per batch
 
 
-def naive(runner: BusyRunner, images: list[Array], spec: InputSpec) -> Served:
-    """The studies one after another, MONAI sliding window (sw_batch_size 4) calling `runner.run`."""
+Scores = Array | torch.Tensor  # a study's blended scores: numpy on the host path, a tensor on the device path
+
+
+def windows(image: Array, spec: InputSpec, predict: Any, sw_batch: int, device: str | None) -> Scores:
+    """One study's sliding window through radai's inferer: on the host (`predict` takes numpy), or on the
+    device path (the volume moved to `device` once, `predict` takes tensors there, blending there too)."""
+    if device is None:
+        return sliding_window(image, spec, predict, sw_batch_size=sw_batch)
+    volume = torch.from_numpy(image).to(device)
+    return settled(sliding_window_tensor(volume, spec, predict, sw_batch_size=sw_batch))
+
+
+def settled(out: torch.Tensor) -> torch.Tensor:
+    """`out` once the device has computed it, so that a study's clock stops when its scores exist. They stay
+    on the device, as in the pipeline, which reduces them to labels there (same for both modes)."""
+    if out.device.type == "cuda":
+        torch.cuda.synchronize(out.device)
+    return out
+
+
+def on_host(scores: Scores) -> Array:
+    if isinstance(scores, torch.Tensor):
+        return np.asarray(scores.detach().cpu().numpy(), dtype=np.float32)
+    return scores
+
+
+def naive(runner: BusyRunner, images: list[Array], spec: InputSpec, device: str | None = None) -> Served:
+    """The studies one after another, MONAI sliding window (sw_batch_size 4) calling the same runner."""
     box: list[Served] = []
-    thread = threading.Thread(target=lambda: box.append(_naive(runner, images, spec)), name="naive")
+    thread = threading.Thread(target=lambda: box.append(_naive(runner, images, spec, device)), name="naive")
     thread.start()
     thread.join()
     if not box:
@@ -122,21 +151,32 @@ def naive(runner: BusyRunner, images: list[Array], spec: InputSpec) -> Served:
     return box[0]
 
 
-def _naive(runner: BusyRunner, images: list[Array], spec: InputSpec) -> Served:
+def _naive(runner: BusyRunner, images: list[Array], spec: InputSpec, device: str | None) -> Served:
     def predictor(x: torch.Tensor) -> torch.Tensor:
+        if device is not None:
+            return runner.run_tensor(x)
         return torch.from_numpy(runner.run(x.numpy()))
 
     if spec.patch_size == "whole":
         raise ValueError("benchmark needs a patch size")
+    where = device or "cpu"
     runner.take()
     t0 = time.perf_counter()
-    latencies, outputs = [], []
+    latencies: list[float] = []
+    outputs: list[Scores] = []
     for image in images:
         with torch.inference_mode():
             out = sliding_window_inference(
-                torch.from_numpy(image)[None], spec.patch_size, 4, predictor, spec.overlap, mode=spec.blend
+                torch.from_numpy(image)[None].to(where),
+                spec.patch_size,
+                4,
+                predictor,
+                spec.overlap,
+                mode=spec.blend,
+                sw_device=where,
+                device=where,
             )
-        outputs.append(torch.as_tensor(out)[0].numpy())
+        outputs.append(settled(torch.as_tensor(out)[0]))
         latencies.append(time.perf_counter() - t0)
     spans = runner.take()
     return Served(latencies, outputs, latencies[-1], spans, t0, [1] * len(spans))
@@ -150,19 +190,18 @@ def radai_serve(
 ) -> Served:
     """All studies at once, one thread each, every patch through one radai Scheduler."""
     records: list[BatchRecord] = []
-    scheduler = Scheduler("bench", runner, cfg.max_batch, cfg.max_wait_s, on_batch=records.append)
-    scheduler.start()
+    scheduler = _scheduler(runner, cfg, records.append)
     latencies = [0.0] * len(images)
-    outputs: list[Array | None] = [None] * len(images)
+    outputs: list[Scores | None] = [None] * len(images)
     gate = threading.Barrier(len(images) + 1)
     t0 = 0.0
 
     def study(i: int) -> None:
-        def predict(p: Array) -> Array:
-            return scheduler.infer(f"study{i}", p, Priority.ROUTINE)
+        def predict(p: Any) -> Any:
+            return _infer(scheduler, f"study{i}", p, Priority.ROUTINE)
 
         gate.wait()
-        outputs[i] = sliding_window(images[i], spec, predict, sw_batch_size=cfg.sw_batch)
+        outputs[i] = windows(images[i], spec, predict, cfg.sw_batch, cfg.device)
         latencies[i] = time.perf_counter() - t0
 
     threads = [threading.Thread(target=study, args=(i,), name=f"study{i}") for i in range(len(images))]
@@ -179,6 +218,20 @@ def radai_serve(
     if len(done) != len(images):
         raise RuntimeError("a radai study failed")
     return Served(latencies, done, wall, runner.take(), t0, [len(r.job_ids) for r in records])
+
+
+def _scheduler(runner: BusyRunner, cfg: Serving, on_batch: Callable[[BatchRecord], None]) -> Scheduler:
+    scheduler = Scheduler(
+        "bench", runner, cfg.max_batch, cfg.max_wait_s, on_batch=on_batch, device_path=cfg.device is not None
+    )
+    scheduler.start()
+    return scheduler
+
+
+def _infer(scheduler: Scheduler, job: str, patches: Any, priority: Priority) -> Any:
+    if isinstance(patches, torch.Tensor):
+        return scheduler.infer_tensor(job, patches, priority)
+    return scheduler.infer(job, patches, priority)
 
 
 @dataclass(frozen=True)
@@ -213,17 +266,16 @@ def stat_latencies(
         ran.append((end - record.run_s, end, record.job_ids))
         batches.release()
 
-    scheduler = Scheduler("bench", runner, cfg.max_batch, cfg.max_wait_s, on_batch=on_batch)
-    scheduler.start()
+    scheduler = _scheduler(runner, cfg, on_batch)
     stop = threading.Event()
 
     def loop(i: int) -> None:
-        def predict(p: Array) -> Array:
-            return scheduler.infer(f"bg{i}", p, Priority.BACKGROUND)
+        def predict(p: Any) -> Any:
+            return _infer(scheduler, f"bg{i}", p, Priority.BACKGROUND)
 
         while not stop.is_set():
             try:
-                sliding_window(background[i], spec, predict, sw_batch_size=cfg.sw_batch)
+                windows(background[i], spec, predict, cfg.sw_batch, cfg.device)
             except InferenceError:  # the scheduler was stopped under it
                 return
 
@@ -239,11 +291,11 @@ def stat_latencies(
         if background and ran:  # arrive at a random point of the running batch, not just as one starts
             time.sleep(phase.uniform(0.0, ran[-1][1] - ran[-1][0]))
 
-        def urgent(p: Array, job: str = job) -> Array:
-            return scheduler.infer(job, p, Priority.STAT)
+        def urgent(p: Any, job: str = job) -> Any:
+            return _infer(scheduler, job, p, Priority.STAT)
 
         t = time.monotonic()
-        sliding_window(stat_image, spec, urgent, cfg.stat_sw_batch)
+        windows(stat_image, spec, urgent, cfg.stat_sw_batch, cfg.device)
         studies.append((job, t, time.monotonic()))
     stop.set()
     scheduler.stop()
@@ -320,11 +372,12 @@ def tables(result: dict[str, Any]) -> str:
     head = (
         f"# throughput ({'quick' if s['quick'] else 'full'}): {s['model']} {s['patch']}^3 windows, "
         f"volume {tuple(s['volume'])}\n\n"
-        f"Device: {where}; backend {m['backend']} ({m['device']}), torch {m['torch']} "
+        f"Device: {where}; backend {m['backend']} ({m['device']}, {m.get('path', 'host')} path), torch {m['torch']} "
         f"({m['torch_threads']} threads), onnxruntime {m['onnxruntime']}, "
         f"OMP_WAIT_POLICY={m['OMP_WAIT_POLICY'] or 'unset'}, load average at start {loads(m['loadavg_at_start'])}, "
         f"1-min load during the run (this run's own threads included) {during['mean']:.2f} mean, "
-        f"{during['max']:.2f} max. Scheduler max_batch {result['max_batch']}, max_wait "
+        f"{during['max']:.2f} max. Scheduler max_batch {result['max_batch']}"
+        f"{' (tuned, ceiling ' + str(result['max_batch_ceiling']) + ')' if result.get('tuned') else ''}, max_wait "
         f"{result['max_wait_ms']} ms, sw_batch_size {result['radai_sw_batch_size']} (STAT study "
         f"{result['stat_sw_batch_size']}); naive sw_batch_size 4. Max |radai - naive| = "
         f"{result['max_abs_diff_radai_vs_naive']:.2e}.\n"
@@ -377,6 +430,13 @@ def tables(result: dict[str, Any]) -> str:
     )
 
 
+def stat_windows(patch: int, max_batch: int) -> int:
+    """Windows per call of a STAT study in radai's pipeline (radai.pipeline.window_batch): 1 GiB of patches
+    and two-channel scores, at most 64, at least the batch."""
+    per_window = patch**3 * (1 + 2) * 4
+    return max(max_batch, min(64, STAT_WINDOW_BYTES // per_window))
+
+
 def ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
@@ -393,16 +453,34 @@ def main(argv: list[str] | None = None) -> int:
         "--studies", type=ints, default=(1, 4, 8, 16), help="concurrent studies, e.g. 1,4,8,16"
     )
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="radai's batch as the server picks it with scheduler.batch_tuning on: the smallest batch up to "
+        "--max-batch within 5%% of the fastest (radai.runtime.tuning)",
+    )
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument(
         "--sw-batch", type=int, default=0, help="radai studies' patches per call (0: max batch)"
     )
-    parser.add_argument("--stat-sw-batch", type=int, default=0, help="the STAT study's (0: max batch)")
+    parser.add_argument(
+        "--stat-sw-batch",
+        type=int,
+        default=0,
+        help="the STAT study's (0: as radai's pipeline does, every window of up to 1 GiB per call, <= 64)",
+    )
     parser.add_argument("--limit-batches", type=ints, default=(1, 2, 4, 8, 16))
     parser.add_argument("--repeats", type=int, default=0, help="runs per point (0: 3 quick, 1 full)")
     parser.add_argument("--stat-repeats", type=int, default=0, help="STAT studies per point (0: 5 / 3)")
     parser.add_argument("--volume", type=ints, default=None, help="override the volume, e.g. 160,160,120")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    parser.add_argument(
+        "--path",
+        choices=("auto", "host", "device"),
+        default="auto",
+        help="where volumes, windows and blending live: host (numpy), device (tensors on the runner's "
+        "device, both modes), auto: device on CUDA",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     if args.torch_threads > 0:
@@ -439,17 +517,25 @@ def _measure(args: argparse.Namespace, setup: Setup, spec: InputSpec, runner: Bu
         return [rng.random((1, *volume), dtype=np.float32) for _ in range(n)]
 
     info = machine(args.backend, args.device, runner.inner)
+    on_cuda = runner.device.startswith("cuda")
+    device = runner.device if args.path == "device" or (args.path == "auto" and on_cuda) else None
+    info["path"] = "host" if device is None else f"device ({device})"
     loads = LoadSampler()
     rounds = 10 if args.quick else 2
-    before = limit_sweep(runner, setup.patch, args.limit_batches, rounds)
+    before = limit_sweep(runner, setup.patch, args.limit_batches, rounds, device)
     log("limit sweep before, best: " + ", ".join(f"b{b} {b / min(t):.1f}" for b, t in before.items()))
     warm = volumes(1)
-    naive(runner, warm, spec)
+    naive(runner, warm, spec, device)
+    max_batch = args.max_batch
+    if args.tune:
+        max_batch = tune_batch(runner, 1, (setup.patch,) * 3, args.max_batch).batch
+        log(f"tuned batch: {max_batch}")
     cfg = Serving(
-        args.max_batch,
+        max_batch,
         args.max_wait_ms / 1000,
-        args.sw_batch or args.max_batch,
-        args.stat_sw_batch or args.max_batch,
+        args.sw_batch or max_batch,
+        args.stat_sw_batch or stat_windows(setup.patch, max_batch),
+        device,
     )
     radai_serve(runner, warm, spec, cfg)
     rows: list[dict[str, Any]] = []
@@ -458,10 +544,11 @@ def _measure(args: argparse.Namespace, setup: Setup, spec: InputSpec, runner: Bu
         images = volumes(n)
         base, ours = [], []
         for _ in range(repeats):
-            base.append(naive(runner, images, spec))
+            base.append(naive(runner, images, spec, device))
             ours.append(radai_serve(runner, images, spec, cfg))
             diffs = (
-                float(np.abs(a - b).max()) for a, b in zip(base[-1].outputs, ours[-1].outputs, strict=True)
+                float(np.abs(on_host(a) - on_host(b)).max())
+                for a, b in zip(base[-1].outputs, ours[-1].outputs, strict=True)
             )
             max_diff = max(max_diff, *diffs)
         b_row, o_row = summarise(n, "naive", base), summarise(n, "radai", ours)
@@ -488,7 +575,9 @@ def _measure(args: argparse.Namespace, setup: Setup, spec: InputSpec, runner: Bu
                 "p95_ratio": round(p95 / base_p95, 3),
             }
         )
-    after = limit_sweep(runner, setup.patch, args.limit_batches, rounds)  # the machine is shared: sweep twice
+    after = limit_sweep(
+        runner, setup.patch, args.limit_batches, rounds, device
+    )  # the machine is shared: sweep twice
     log("limit sweep after, best: " + ", ".join(f"b{b} {b / min(t):.1f}" for b, t in after.items()))
     runner.close()
     limits = limit_rows(before, after)
@@ -503,7 +592,9 @@ def _measure(args: argparse.Namespace, setup: Setup, spec: InputSpec, runner: Bu
         "studies": list(args.studies),
         "repeats": repeats,
         "stat_repeats": stat_repeats,
-        "max_batch": args.max_batch,
+        "max_batch": max_batch,
+        "max_batch_ceiling": args.max_batch,
+        "tuned": args.tune,
         "max_wait_ms": args.max_wait_ms,
         "radai_sw_batch_size": cfg.sw_batch,
         "stat_sw_batch_size": cfg.stat_sw_batch,

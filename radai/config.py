@@ -380,6 +380,9 @@ class SchedulerSettings(BaseModel):
     # Share of a GPU's free memory (measured when a model loads) its batches may take: a model's batch is
     # lowered below its card's `runtime.max_batch` where that many windows would not fit (torch backend).
     gpu_memory_fraction: float = Field(default=0.8, gt=0.0, le=1.0)
+    # Time each model when it loads at batch 1, 2, 4, ... up to that batch and serve the smallest batch that
+    # runs within 5% of the fastest: `auto` where the model runs on CUDA, `on` everywhere, `off`.
+    batch_tuning: Literal["auto", "on", "off"] = "auto"
     # Several devices (e.g. [cuda:0, cuda:1]): each model gets a runner on every one, all serving its queue.
     devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] = Field(default_factory=list)
 

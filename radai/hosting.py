@@ -19,8 +19,9 @@ from radai import metrics
 from radai.catalog import ModelSlot
 from radai.errors import ConfigError, ModelPackageError, OutOfMemoryError, RadaiError
 from radai.models.registry import ModelPackage, RunnerFactory, reference_check
-from radai.ports import ModelRunner
+from radai.ports import DeviceRunner, ModelRunner
 from radai.runtime.memory import batch_for
+from radai.runtime.tuning import tuned_batch
 from radai.scheduling.loop import BatchRecord, Scheduler
 from radai.storage.model_store import ModelStore
 
@@ -49,6 +50,9 @@ class HostOptions:
     on_batch: Callable[[BatchRecord], None] | None = None
     # Share of a GPU's free memory (at load) a model's batches may take; the batch is lowered to fit.
     memory_fraction: float = 0.8
+    # Time the model at load at batch 1, 2, 4, ... and serve the smallest batch that runs as fast as the best:
+    # `on`, `off`, or `auto` (on where the runner computes on CUDA).
+    batch_tuning: str = "off"
 
 
 @dataclass
@@ -183,7 +187,8 @@ class ModelHost:
 
     def _batch(self, package: ModelPackage, runners: list[ModelRunner]) -> int:
         """The card's batch, lowered to what fits in `memory_fraction` of each GPU's free memory (measured
-        on the runner; a `whole`-volume model's window is only known per study, so it keeps the card's)."""
+        on the runner), then to the smallest that runs as fast as the best where `batch_tuning` says so (a
+        `whole`-volume model's window is only known per study, so it keeps the card's)."""
         card = package.card
         window = card.input.patch_size
         if window == "whole":
@@ -199,6 +204,11 @@ class ModelHost:
                     "model %s: two windows do not fit on %s; batches of 1", package.key, _describe(runner)
                 )
                 batch = 1
+        first = runners[0]
+        on_cuda = isinstance(first, DeviceRunner) and first.device.startswith("cuda")
+        tuning = self._options.batch_tuning
+        if batch > 1 and (tuning == "on" or (tuning == "auto" and on_cuda)):
+            batch = tuned_batch(first, card.input.channels, window, batch, package.key)
         return batch
 
     @staticmethod

@@ -161,6 +161,7 @@ class Server:
                 runner_on=make_runner_factory,
                 on_batch=self._on_batch,
                 memory_fraction=s.gpu_memory_fraction,
+                batch_tuning=s.batch_tuning,
             ),
         )
 
