@@ -383,6 +383,9 @@ class SchedulerSettings(BaseModel):
     # Time each model when it loads at batch 1, 2, 4, ... up to that batch and serve the smallest batch that
     # runs within 5% of the fastest: `auto` where the model runs on CUDA, `on` everywhere, `off`.
     batch_tuning: Literal["auto", "on", "off"] = "auto"
+    # Jobs resample, window and blend on the model's GPU (tensors; only the label map comes back to the host)
+    # where every runner of the model takes tensors on CUDA; false keeps that work on the host.
+    device_path: bool = True
     # Several devices (e.g. [cuda:0, cuda:1]): each model gets a runner on every one, all serving its queue.
     devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda(:[0-9]+)?)$")]] = Field(default_factory=list)
 

@@ -53,6 +53,7 @@ class HostOptions:
     # Time the model at load at batch 1, 2, 4, ... and serve the smallest batch that runs as fast as the best:
     # `on`, `off`, or `auto` (on where the runner computes on CUDA).
     batch_tuning: str = "off"
+    device_path: bool | None = None  # radai.scheduling.loop.Scheduler's: None is its default (CUDA runners)
 
 
 @dataclass
@@ -179,6 +180,7 @@ class ModelHost:
             timeout_s=self._options.timeout_s,
             in_flight=self._options.in_flight,
             backend=card.runtime.backend,
+            device_path=self._options.device_path,
         )
         scheduler.start()
         where = "; ".join(_describe(r) for r in runners)

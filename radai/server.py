@@ -162,6 +162,7 @@ class Server:
                 on_batch=self._on_batch,
                 memory_fraction=s.gpu_memory_fraction,
                 batch_tuning=s.batch_tuning,
+                device_path=None if s.device_path else False,
             ),
         )
 

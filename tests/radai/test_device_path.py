@@ -341,3 +341,10 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.005)
+
+
+def test_cuda_runners_take_the_device_path_unless_it_is_switched_off() -> None:
+    runner = FakeRunner()
+    runner.device = "cuda:0"  # a label only: no job runs
+    assert Scheduler("m", runner, 4, 0.0).device == "cuda:0"
+    assert Scheduler("m", runner, 4, 0.0, device_path=False).device is None
