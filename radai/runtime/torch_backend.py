@@ -10,10 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
-import sys
 import threading
-import types
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,22 +19,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from radai.errors import InferenceError, OutOfMemoryError
+from radai.runtime import onnx2torch_import
 from radai.runtime.memory import MemoryUse
 from radai.runtime.onnx import parse_device
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16")
-# onnx2torch converts these two with torchvision ops; every other converter is plain torch.
-_TORCHVISION_OPS = frozenset({"NonMaxSuppression", "RoiAlign"})
 _MAX_GRAPHS = 16  # input shapes captured as CUDA graphs per runner; later shapes run eagerly
 _CPU_OOM_SIGNS = ("can't allocate memory", "DefaultCPUAllocator", "std::bad_alloc")
-# ONNX attribute defaults that onnx2torch 1.5.15 gets wrong (CumSum: it reads a missing `reverse` as 1, the
-# spec says 0), written out explicitly before conversion, which leaves the graph's meaning unchanged.
-_EXPLICIT_DEFAULTS: dict[str, dict[str, int]] = {"CumSum": {"exclusive": 0, "reverse": 0}}
-
-_convert_lock = threading.Lock()
-_converter: tuple[Callable[[Any], Any], bool] | None = None
 
 
 def _import_torch() -> Any:
@@ -46,64 +36,6 @@ def _import_torch() -> Any:
     except ImportError as exc:
         raise InferenceError("backend 'torch' needs the torch package (pip install torch)") from exc
     return torch
-
-
-@contextlib.contextmanager
-def _torchvision_placeholder() -> Iterator[None]:
-    """Let onnx2torch import where torchvision cannot (absent, or a CUDA wheel beside a CPU torch, whose
-    extension fails to load): onnx2torch imports it at module level only for its NonMaxSuppression and
-    RoiAlign converters, which `TorchRunner` refuses at load in that case. The real entries come back after."""
-
-    def unusable(*args: object, **kwargs: object) -> Any:
-        raise RuntimeError("torchvision is not usable on this machine")
-
-    vision, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
-    for name in ("nms", "box_convert", "roi_align"):
-        setattr(ops, name, unusable)
-    vision.ops = ops  # type: ignore[attr-defined]
-    saved = {name: sys.modules[name] for name in ("torchvision", "torchvision.ops") if name in sys.modules}
-    sys.modules.update({"torchvision": vision, "torchvision.ops": ops})
-    try:
-        yield
-    finally:
-        for name in ("torchvision", "torchvision.ops"):
-            if name in saved:
-                sys.modules[name] = saved[name]
-            else:
-                sys.modules.pop(name, None)
-
-
-def _load_converter() -> tuple[Callable[[Any], Any], bool]:
-    """onnx2torch's `convert`, and whether torchvision works here; imported once per process."""
-    global _converter
-    with _convert_lock:
-        if _converter is None:
-            try:
-                importlib.import_module("torchvision")
-                vision = True
-            except Exception:  # ImportError when absent, RuntimeError when its extension does not load
-                vision = False
-            try:
-                with contextlib.nullcontext() if vision else _torchvision_placeholder():
-                    module = importlib.import_module("onnx2torch")
-            except ImportError as exc:
-                raise InferenceError(
-                    "backend 'torch' needs the onnx2torch package (pip install onnx2torch)"
-                ) from exc
-            _converter = (module.convert, vision)
-        return _converter
-
-
-def _spell_out_defaults(graph: Any, onnx: Any) -> None:
-    """Add the attributes of `_EXPLICIT_DEFAULTS` that a node leaves at their ONNX default."""
-    for node in graph.node:
-        defaults = _EXPLICIT_DEFAULTS.get(node.op_type)
-        if not defaults:
-            continue
-        present = {a.name for a in node.attribute}
-        for name, value in defaults.items():
-            if name not in present:
-                node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
 def available_devices() -> list[str]:
@@ -162,7 +94,7 @@ class TorchRunner:
         if not model_path.is_file():
             raise InferenceError(f"ONNX model file not found: {model_path.name}")
         self._name = f"{model_path.parent.name}/{model_path.name}"
-        convert, vision = _load_converter()
+        convert, vision = onnx2torch_import.load_converter()
         onnx = importlib.import_module("onnx")
         try:
             proto = onnx.load(str(model_path))
@@ -176,7 +108,7 @@ class TorchRunner:
                 f"ONNX model {model_path.name} must have one input and at least one output "
                 f"(has {len(inputs)} inputs, {len(graph.output)} outputs)"
             )
-        needs_vision = sorted(_TORCHVISION_OPS & {n.op_type for n in graph.node})
+        needs_vision = sorted(onnx2torch_import.TORCHVISION_OPS & {n.op_type for n in graph.node})
         if needs_vision and not vision:
             raise InferenceError(
                 f"ONNX model {model_path.name} uses {', '.join(needs_vision)}, which the torch backend runs "
@@ -196,7 +128,7 @@ class TorchRunner:
         self.input_name: str = inputs[0].name
         self.output_name: str = graph.output[0].name
         fp16_input = inputs[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-        _spell_out_defaults(graph, onnx)
+        onnx2torch_import.spell_out_defaults(graph, onnx)
         try:
             module = convert(proto)
         except Exception as exc:  # onnx2torch raises NotImplementedError, ValueError, ...

@@ -1,8 +1,10 @@
-"""Scheduler loop: one worker thread per model pools the patches of every active job into batches.
+"""Scheduler loop: worker threads per model pool the patches of every active job into batches.
 
-Job threads call `Scheduler.infer` (blocking); the worker asks `BatchPolicy` when a batch is due, runs it on
-the model's `ModelRunner` and hands each job its own rows back. Every call is resolved exactly once: with
-its scores, or with `InferenceError` (runner failure, bad output, cancellation, shutdown).
+Job threads call `Scheduler.infer` (numpy, on the host) or `Scheduler.infer_tensor` (torch tensors, on the
+device path: the patches stay on the GPU), blocking; a worker asks `BatchPolicy` when a batch is due, runs it on
+one of the model's runners (one per device, `in_flight` workers each) and hands each job its own rows back, in
+the kind it gave. Every call is resolved exactly once: with its scores, or with `InferenceError` (runner
+failure, out of memory even at batch 1, NaN, wrong shape, timeout, cancellation, shutdown).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from radai.errors import InferenceError, OutOfMemoryError
-from radai.runtime import available_backends, create_runner, known_backends, torch_backend
+from radai.runtime import available_backends, create_runner, known_backends, onnx2torch_import
 from radai.runtime.onnx import OnnxRunner
 from radai.runtime.torch_backend import TorchRunner, available_devices
 
@@ -172,7 +172,7 @@ def test_an_op_onnx2torch_cannot_convert_is_refused_at_construction(tmp_path: Pa
 def test_torchvision_ops_are_refused_at_construction_where_torchvision_does_not_load(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(torch_backend, "_converter", None)  # import onnx2torch afresh, then restored
+    monkeypatch.setattr(onnx2torch_import, "_converter", None)  # import onnx2torch afresh, then restored
     monkeypatch.setitem(sys.modules, "torchvision", None)  # what `import torchvision` sees if absent
     rois = numpy_helper.from_array(np.zeros((1, 4), dtype=np.float32), "rois")
     index = numpy_helper.from_array(np.zeros(1, dtype=np.int64), "index")
