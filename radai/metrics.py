@@ -93,6 +93,13 @@ INFERENCE_SECONDS = Histogram(
 QUEUE_DEPTH = Gauge(
     "radai_scheduler_queue_depth", "Patches waiting for a batch", ["model"], registry=REGISTRY
 )
+BATCH_LIMIT = Gauge(
+    "radai_scheduler_batch_limit",
+    "The size at which the model's batches close: its card's runtime.max_batch, lowered to what fits in the "
+    "GPU memory budget, to the fastest measured batch (scheduler.batch_tuning) and after an out-of-memory split",
+    ["model"],
+    registry=REGISTRY,
+)
 DELIVERIES = Counter(
     "radai_deliveries_total",
     "Delivery attempts of one job's results to one destination, by outcome: delivered, retry (failed, "

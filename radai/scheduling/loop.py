@@ -100,6 +100,8 @@ class Scheduler:
         self._m_backend = metrics.INFERENCE_SECONDS.labels(backend=backend)
         self._m_wait = metrics.BATCH_WAIT_SECONDS.labels(model=model)
         self._m_depth = metrics.QUEUE_DEPTH.labels(model=model)
+        self._m_limit = metrics.BATCH_LIMIT.labels(model=model)
+        self._m_limit.set(max_batch)
 
     @property
     def device(self) -> str | None:
@@ -307,6 +309,7 @@ class Scheduler:
                 raise
             half = n // 2
             self._policy.limit(half)
+            self._m_limit.set(self._policy.max_batch)
             log.warning(
                 "model %s: out of memory at batch %d; splitting it and capping batches at %d",
                 self.model,

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from radai.errors import InferenceError, InferenceTimeoutError
+from radai.metrics import REGISTRY
 from radai.runtime.fake import FakeRunner
 from radai.scheduling.loop import Scheduler
 from tests.radai.test_scheduling_loop import JOIN_S, Job, patches, wait_until
@@ -17,8 +18,13 @@ from tests.radai.test_scheduling_loop import JOIN_S, Job, patches, wait_until
 
 def test_out_of_memory_splits_the_batch_retries_and_caps_later_batches() -> None:
     runner = FakeRunner(2, memory_patches=2)
-    scheduler = Scheduler("m", runner, max_batch=8, max_wait_s=0.05)
+    scheduler = Scheduler("oom-model", runner, max_batch=8, max_wait_s=0.05)
     scheduler.start()
+
+    def limit() -> float | None:
+        return REGISTRY.get_sample_value("radai_scheduler_batch_limit", {"model": "oom-model"})
+
+    assert limit() == 8
     try:
         a = Job(scheduler, "a", patches(8, 1))
         a.start()
@@ -31,6 +37,7 @@ def test_out_of_memory_splits_the_batch_retries_and_caps_later_batches() -> None
         b.start()
         b.finish()
         assert b.error is None and max(runner.calls) <= 2  # later batches stay within what fitted
+        assert scheduler.max_batch == 2 and limit() == 2  # operators see the cap
     finally:
         scheduler.stop(timeout_s=1.0)
 
