@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,34 +154,13 @@ class TorchRunner:
         log.debug("torch model %s loaded on %s (%s)", self._name, self.device, precision)
 
     def run(self, batch: NDArray[np.float32]) -> NDArray[np.float32]:
-        torch = self._torch
-        try:
+        with self._errors():
             # The copy into pinned memory runs outside the lock, overlapping another thread's compute.
             host = self._stage(batch) if self._stream is not None else None
             with self._lock:
-                if self._module is None:
-                    raise InferenceError(f"torch model {self._name} is closed")
+                self._check_open()
                 out = self._run_cpu(batch) if host is None else self._run_cuda(host)
-        except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()  # give cached blocks back so that the split retry can fit
-            raise OutOfMemoryError(f"torch ran out of memory on {self.device} for {self._name}") from exc
-        except InferenceError:
-            raise
-        except Exception as exc:  # translate torch's errors at the adapter boundary
-            message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            if any(sign in message for sign in _CPU_OOM_SIGNS):
-                raise OutOfMemoryError(f"torch ran out of memory on cpu for {self._name}") from exc
-            raise InferenceError(f"torch failed on {self._name}: {message}") from exc
-        channels = self.output_channels
-        if (
-            out.ndim < 2
-            or out.shape[0] != batch.shape[0]
-            or (channels is not None and out.shape[1] != channels)
-        ):
-            raise InferenceError(
-                f"torch model {self._name} returned shape {out.shape} for batch {batch.shape} "
-                f"({channels} channels expected)"
-            )
+        self._checked(out, tuple(batch.shape))
         return out
 
     def run_tensor(self, batch: Any) -> Any:
@@ -188,18 +168,29 @@ class TorchRunner:
         CUDA the batch is read where it lies (no host round trip) after the work that produced it on the
         caller's stream; the scores are a fresh tensor, safe to use on that stream once this returns."""
         torch = self._torch
+        with self._errors(), self._lock:
+            self._check_open()
+            if self._stream is None:
+                with torch.inference_mode():
+                    x = batch.detach().to("cpu", torch.float32).contiguous().to(self._input_dtype)
+                    out = self._forward(x).float()
+            else:
+                out = self._run_cuda_tensor(batch)
+        self._checked(out, tuple(batch.shape))
+        return out
+
+    def _check_open(self) -> None:
+        if self._module is None:
+            raise InferenceError(f"torch model {self._name} is closed")
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """torch's errors as radai's, at the adapter boundary: allocation failures as OutOfMemoryError."""
+        torch = self._torch
         try:
-            with self._lock:
-                if self._module is None:
-                    raise InferenceError(f"torch model {self._name} is closed")
-                if self._stream is None:
-                    with torch.inference_mode():
-                        x = batch.detach().to("cpu", torch.float32).contiguous().to(self._input_dtype)
-                        out = self._forward(x).float()
-                else:
-                    out = self._run_cuda_tensor(batch)
+            yield
         except torch.cuda.OutOfMemoryError as exc:
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # give cached blocks back so that the split retry can fit
             raise OutOfMemoryError(f"torch ran out of memory on {self.device} for {self._name}") from exc
         except InferenceError:
             raise
@@ -208,17 +199,18 @@ class TorchRunner:
             if any(sign in message for sign in _CPU_OOM_SIGNS):
                 raise OutOfMemoryError(f"torch ran out of memory on cpu for {self._name}") from exc
             raise InferenceError(f"torch failed on {self._name}: {message}") from exc
+
+    def _checked(self, out: Any, batch_shape: tuple[int, ...]) -> None:
         channels = self.output_channels
         if (
             out.ndim < 2
-            or out.shape[0] != batch.shape[0]
+            or out.shape[0] != batch_shape[0]
             or (channels is not None and out.shape[1] != channels)
         ):
             raise InferenceError(
-                f"torch model {self._name} returned shape {tuple(out.shape)} for batch {tuple(batch.shape)} "
+                f"torch model {self._name} returned shape {tuple(out.shape)} for batch {batch_shape} "
                 f"({channels} channels expected)"
             )
-        return out
 
     def _run_cuda_tensor(self, batch: Any) -> Any:
         torch = self._torch
