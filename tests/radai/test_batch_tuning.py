@@ -9,15 +9,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from radai.app import make_runner_factory, make_validator
-from radai.hosting import HostOptions, ModelHost
-from radai.models.registry import RunnerFactory
-from radai.ports import ModelRunner
 from radai.runtime.fake import FakeRunner
 from radai.runtime.tuning import candidates, tune_batch
-from radai.scheduling.loop import Scheduler
-from radai.storage.model_store import ModelStore
-from tests.radai.model_packages import threshold_package
+from tests.radai.host_parts import served_batch
 
 
 class CostedRunner:
@@ -90,32 +84,16 @@ class SleepingRunner(CostedRunner):
         return super().run(batch)
 
 
-def served_batch(tmp_path: Path, tuning: str, cost: dict[int, float]) -> int:
-    registry = ModelStore(tmp_path / "registry")
-    registry.add(threshold_package(tmp_path / "v1"), make_validator("cpu"))  # card max_batch 2
-
-    def on(device: str) -> RunnerFactory:
-        def make(backend: str, weights: Path, channels: int | None) -> ModelRunner:
-            return SleepingRunner(cost)
-
-        return make
-
-    options = HostOptions(poll_s=3600, devices=("cpu",), runner_on=on, batch_tuning=tuning)
-    host = ModelHost(registry, make_runner_factory("cpu"), options)
-    host.start()
-    try:
-        (slot,) = host.lease_active()
-        host.release(slot.key)
-        assert isinstance(slot.inferer, Scheduler)
-        return slot.inferer.max_batch
-    finally:
-        host.stop()
-
-
 def test_a_host_with_tuning_on_serves_the_faster_batch_and_auto_leaves_cpu_runners_alone(
     tmp_path: Path,
 ) -> None:
     two_is_slow = {1: 0.02, 2: 0.1}  # 50 windows/s at batch 1, 20 at batch 2
-    assert served_batch(tmp_path / "on", "on", two_is_slow) == 1
-    assert served_batch(tmp_path / "auto", "auto", two_is_slow) == 2  # a CPU runner: the card's batch
-    assert served_batch(tmp_path / "off", "off", two_is_slow) == 2
+
+    def tuned(folder: str, tuning: str) -> int:
+        return served_batch(
+            tmp_path / folder, lambda: SleepingRunner(two_is_slow), "cpu", batch_tuning=tuning
+        )
+
+    assert tuned("on", "on") == 1
+    assert tuned("auto", "auto") == 2  # a CPU runner: the card's batch
+    assert tuned("off", "off") == 2

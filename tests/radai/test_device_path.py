@@ -33,6 +33,7 @@ from radai.runtime.onnx import OnnxRunner
 from radai.runtime.torch_backend import TorchRunner
 from radai.scheduling.inferer import sliding_window, sliding_window_tensor
 from radai.scheduling.loop import Scheduler
+from tests.radai.together import together
 
 ROOT = Path(__file__).resolve().parents[2]
 CT_CLASSICAL = ROOT / "model_zoo" / "ct_body_classical"
@@ -124,24 +125,15 @@ def test_host_and_device_jobs_share_a_batch_and_each_gets_its_own_kind_back() ->
     fake = FakeRunner(2, delay_s=0.05)
     scheduler = started(Scheduler("m", fake, 8, 0.2, device_path=True))
     a, b = patches(3, 0.2), patches(3, 0.9)
-    results: dict[str, object] = {}
 
-    def host() -> None:
-        results["host"] = scheduler.infer("host", a)
+    def job(i: int) -> object:
+        return scheduler.infer("host", a) if i == 0 else scheduler.infer_tensor("device", torch.from_numpy(b))
 
-    def device() -> None:
-        results["device"] = scheduler.infer_tensor("device", torch.from_numpy(b))
-
-    threads = [threading.Thread(target=host), threading.Thread(target=device)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
+        host_out, device_out = together(2, job, timeout_s=10)
     finally:
         scheduler.stop()
     assert fake.calls == [6]  # one batch with both jobs' patches
-    host_out, device_out = results["host"], results["device"]
     assert isinstance(host_out, np.ndarray)
     assert isinstance(device_out, torch.Tensor)
     np.testing.assert_array_equal(host_out, fake.expected(a))
@@ -154,28 +146,20 @@ def test_non_finite_scores_fail_only_that_tensor_job() -> None:
     bad = patches(2, 0.5)
     bad[1, 0, 1, 1, 1] = np.nan
     good = patches(2, 0.3)
-    outcome: dict[str, object] = {}
 
-    def run(name: str, x: NDArray[np.float32]) -> None:
+    def job(i: int) -> object:
+        name, x = ("bad", bad) if i == 0 else ("good", good)
         try:
-            outcome[name] = scheduler.infer_tensor(name, torch.from_numpy(x))
+            return scheduler.infer_tensor(name, torch.from_numpy(x))
         except InferenceError as exc:
-            outcome[name] = exc
+            return exc
 
-    threads = [
-        threading.Thread(target=run, args=("bad", bad)),
-        threading.Thread(target=run, args=("good", good)),
-    ]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(10)
+        bad_out, good_out = together(2, job, timeout_s=10)
     finally:
         scheduler.stop()
-    assert isinstance(outcome["bad"], InferenceError)
-    assert "non-finite" in str(outcome["bad"])
-    good_out = outcome["good"]
+    assert isinstance(bad_out, InferenceError)
+    assert "non-finite" in str(bad_out)
     assert isinstance(good_out, torch.Tensor)
     np.testing.assert_array_equal(good_out.numpy(), fake.expected(good))
 

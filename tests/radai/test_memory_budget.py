@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from radai.app import make_runner_factory, make_validator
-from radai.hosting import HostOptions, ModelHost
-from radai.models.registry import RunnerFactory
-from radai.ports import ModelRunner
 from radai.runtime.fake import FakeRunner
 from radai.runtime.memory import MemoryUse, batch_for, fit_batch
 from radai.runtime.torch_backend import TorchRunner
-from radai.scheduling.loop import Scheduler
-from radai.storage.model_store import ModelStore
-from tests.radai.model_packages import threshold_package
+from tests.radai.host_parts import served_batch
 
 MIB = 1 << 20
 
@@ -44,40 +38,18 @@ def test_runners_that_cannot_measure_memory_keep_the_cards_batch() -> None:
     assert batch_for(object(), (64, 64, 16), 0.8, 6, "m") == 6
 
 
-def host_with(tmp_path: Path, memory: MemoryUse | None, devices: tuple[str, ...] = ("cuda:0",)) -> ModelHost:
-    """A host whose serving runners (one per device) are fakes reporting `memory`; the reference check runs
-    on the real ONNX Runtime CPU runner."""
-    registry = ModelStore(tmp_path / "registry")
-    registry.add(threshold_package(tmp_path / "v1"), make_validator("cpu"))
-
-    def on(device: str) -> RunnerFactory:
-        def make(backend: str, weights: Path, channels: int | None) -> ModelRunner:
-            return FakeRunner(channels or 2, memory=memory)
-
-        return make
-
-    options = HostOptions(poll_s=3600, devices=devices, runner_on=on, memory_fraction=0.5)
-    return ModelHost(registry, make_runner_factory("cpu"), options)
-
-
-def served_batch(host: ModelHost) -> int:
-    host.start()
-    try:
-        (slot,) = host.lease_active()
-        host.release(slot.key)
-        assert isinstance(slot.inferer, Scheduler)
-        return slot.inferer.max_batch
-    finally:
-        host.stop()
+def budget_batch(tmp_path: Path, memory: MemoryUse | None) -> int:
+    """The batch a host serves at on a GPU runner (a fake) reporting `memory`, with half of it as the budget."""
+    return served_batch(tmp_path, lambda: FakeRunner(2, memory=memory), "cuda:0", memory_fraction=0.5)
 
 
 def test_a_loaded_model_batches_at_what_its_gpu_budget_allows(tmp_path: Path) -> None:
     # The threshold card allows 2; half of 300 MiB free, less 100 MiB fixed, holds one 40 MiB window.
     tight = MemoryUse(fixed_bytes=100 * MIB, per_window_bytes=40 * MIB, free_bytes=300 * MIB)
-    assert served_batch(host_with(tmp_path / "tight", tight)) == 1
+    assert budget_batch(tmp_path / "tight", tight) == 1
     roomy = MemoryUse(fixed_bytes=100 * MIB, per_window_bytes=40 * MIB, free_bytes=80_000 * MIB)
-    assert served_batch(host_with(tmp_path / "roomy", roomy)) == 2
-    assert served_batch(host_with(tmp_path / "cpu", None)) == 2
+    assert budget_batch(tmp_path / "roomy", roomy) == 2
+    assert budget_batch(tmp_path / "cpu", None) == 2
 
 
 @pytest.mark.gpu
