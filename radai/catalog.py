@@ -134,10 +134,9 @@ class Lane:
     def __init__(self, inner: PatchInferer, priority: Priority) -> None:
         self._inner, self._priority = inner, priority
 
-    @property
-    def device(self) -> str | None:
-        """The inner inferer's device (radai.ports.DeviceInferer), None when it works on the host."""
-        return self._inner.device if isinstance(self._inner, DeviceInferer) else None
+    def job_device(self) -> str | None:
+        """The inner inferer's device for a new job (radai.ports.DeviceInferer), None on the host."""
+        return self._inner.job_device() if isinstance(self._inner, DeviceInferer) else None
 
     def _lane(self, priority: Priority) -> Priority:
         return min(priority, self._priority, key=lambda p: p.rank)

@@ -83,7 +83,7 @@ def window_batch(card: ModelCard, urgent: bool) -> int:
 
 
 def _device(inferer: PatchInferer) -> str | None:
-    return inferer.device if isinstance(inferer, DeviceInferer) else None
+    return inferer.job_device() if isinstance(inferer, DeviceInferer) else None
 
 
 def _model_scores(

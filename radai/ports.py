@@ -155,10 +155,11 @@ class PatchInferer(Protocol):
 @runtime_checkable
 class DeviceInferer(PatchInferer, Protocol):
     """A PatchInferer whose model runs on a device that takes tensors: a job prepares its volume, cuts its
-    windows and blends their scores on `device` (None: on the host, as numpy arrays)."""
+    windows and blends their scores on the device `job_device` gives it (None: on the host, as numpy)."""
 
-    @property
-    def device(self) -> str | None: ...
+    def job_device(self) -> str | None:
+        """The device for a new job's work (each call may name the next of several GPUs)."""
+        ...
 
     def infer_tensor(
         self, job_id: str, patches: torch.Tensor, priority: Priority = Priority.ROUTINE

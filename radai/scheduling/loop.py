@@ -104,10 +104,13 @@ class Scheduler:
         self._m_limit.set(max_batch)
 
     @property
-    def device(self) -> str | None:
-        """Where the next job of this model prepares, cuts and blends (torch tensors, `infer_tensor`): the
-        runners' devices in turn, so that with several GPUs each holds its share of the jobs' work; None: on
-        the host as numpy arrays (`infer`)."""
+    def devices(self) -> tuple[str, ...]:
+        """The devices jobs of this model work on (tensors, `infer_tensor`); empty: on the host (`infer`)."""
+        return self._devices
+
+    def job_device(self) -> str | None:
+        """Where a new job prepares, cuts and blends: the runners' devices in turn, so that with several GPUs
+        each holds its share of the jobs' work; None: on the host as numpy arrays."""
         if not self._devices:
             return None
         with self._cond:

@@ -86,8 +86,8 @@ def test_the_device_path_is_taken_by_default_only_on_cuda_runners() -> None:
     host = started(Scheduler("m", fake, 4, 0.0))
     forced = started(Scheduler("m", FakeRunner(), 4, 0.0, device_path=True))
     try:
-        assert host.device is None
-        assert forced.device == "cpu"
+        assert host.job_device() is None
+        assert forced.job_device() == "cpu"
         assert isinstance(forced, DeviceInferer)
     finally:
         host.stop()
@@ -104,7 +104,7 @@ def test_device_path_needs_runners_that_take_tensors() -> None:
 
     with pytest.raises(ValueError, match="runners that take tensors"):
         Scheduler("m", HostOnly(), 4, 0.0, device_path=True)
-    assert Scheduler("m", HostOnly(), 4, 0.0).device is None
+    assert Scheduler("m", HostOnly(), 4, 0.0).job_device() is None
 
 
 def test_tensor_patches_come_back_as_tensors_with_the_runner_scores() -> None:
@@ -182,13 +182,13 @@ def test_a_lane_forwards_the_device_and_tensor_calls_in_its_priority() -> None:
     scheduler = started(Scheduler("m", fake, 4, 0.0, device_path=True))
     try:
         lane = Lane(scheduler, Priority.STAT)
-        assert lane.device == "cpu"
+        assert lane.job_device() == "cpu"
         x = patches(2, 0.4)
         np.testing.assert_array_equal(lane.infer_tensor("j", torch.from_numpy(x)).numpy(), fake.expected(x))
     finally:
         scheduler.stop()
     host_lane = Lane(Scheduler("m", FakeRunner(), 4, 0.0), Priority.ROUTINE)
-    assert host_lane.device is None
+    assert host_lane.job_device() is None
 
 
 # -- steps on tensors against the host steps ---------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_on_cuda_a_torch_runner_takes_the_device_path_and_gives_the_host_path_la
     on_device = started(Scheduler(card.id, runner, 4, 0.0))
     on_host = started(Scheduler(card.id, OnnxRunner(weights, device="cpu"), 4, 0.0))
     try:
-        assert on_device.device == "cuda:0"
+        assert on_device.job_device() == "cuda:0"
         device_labels = infer_labels(volume, card, on_device, "device-job")
         host_labels = infer_labels(volume, card, on_host, "host-job")
     finally:
@@ -287,7 +287,13 @@ def test_with_several_devices_jobs_are_spread_over_them_in_turn() -> None:
     first, second = FakeRunner(), FakeRunner()
     second.device = "cuda:1"  # a label only: these jobs are never run
     scheduler = Scheduler("m", [first, second], 4, 0.0, device_path=True)
-    assert [scheduler.device for _ in range(4)] == ["cpu", "cuda:1", "cpu", "cuda:1"]
+    lane = Lane(scheduler, Priority.ROUTINE)
+    picked = []
+    for _ in range(4):
+        assert isinstance(lane, DeviceInferer) and isinstance(scheduler, DeviceInferer)  # checks pick nothing
+        picked.append(lane.job_device())
+    assert picked == ["cpu", "cuda:1", "cpu", "cuda:1"]
+    assert scheduler.devices == ("cpu", "cuda:1")
 
 
 def test_on_the_device_path_a_stat_job_waits_only_for_the_running_batch() -> None:
@@ -330,5 +336,5 @@ def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
 def test_cuda_runners_take_the_device_path_unless_it_is_switched_off() -> None:
     runner = FakeRunner()
     runner.device = "cuda:0"  # a label only: no job runs
-    assert Scheduler("m", runner, 4, 0.0).device == "cuda:0"
-    assert Scheduler("m", runner, 4, 0.0, device_path=False).device is None
+    assert Scheduler("m", runner, 4, 0.0).job_device() == "cuda:0"
+    assert Scheduler("m", runner, 4, 0.0, device_path=False).job_device() is None
