@@ -4,7 +4,9 @@ A card's `runtime.max_batch` says what the model takes; the GPU says what fits b
 At load the runner scores one and then two windows and reads the device's peak allocation each time: the
 difference is what one more window costs, the rest is fixed (weights, workspace). The batch is the largest
 that keeps fixed + n x per-window within `fraction` of the memory free at that moment. An out-of-memory error
-later still splits the batch (radai.scheduling.loop); this keeps it from happening on every batch.
+later still splits the batch (radai.scheduling.loop); this keeps it from happening on every batch. The peak is
+the device's: a model loading while another runs batches on the same GPU gets a larger estimate (a smaller
+batch), or, where the other frees memory meanwhile, a smaller one that the split then corrects.
 """
 
 from __future__ import annotations
