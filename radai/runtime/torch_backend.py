@@ -220,14 +220,7 @@ class TorchRunner:
             self._stream.wait_stream(caller)  # the kernels that wrote `batch` come first
             with torch.cuda.stream(self._stream):
                 x = batch.detach().to(device, torch.float32, non_blocking=True).contiguous()
-                x = x.to(self._input_dtype)
-                graph = self._graph_for(x) if self.cuda_graphs else None
-                if graph is None:
-                    out = self._forward(x)
-                else:
-                    graph.static_in.copy_(x)
-                    graph.graph.replay()
-                    out = graph.static_out  # overwritten by the next replay: copied below
+                out = self._compute(x.to(self._input_dtype))
                 result = out.to(torch.float32, copy=True)
             self._stream.synchronize()
             result.record_stream(caller)  # freed by the caller: its stream's pending reads come first
@@ -281,18 +274,21 @@ class TorchRunner:
     def _run_cuda(self, host: Any) -> NDArray[np.float32]:
         torch = self._torch
         with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            x = host.to(self.device, non_blocking=True).to(self._input_dtype)
-            graph = self._graph_for(x) if self.cuda_graphs else None
-            if graph is None:
-                out = self._forward(x)
-            else:
-                graph.static_in.copy_(x)
-                graph.graph.replay()
-                out = graph.static_out  # overwritten by the next replay: copied out before the lock goes
+            out = self._compute(host.to(self.device, non_blocking=True).to(self._input_dtype))
             result = torch.empty(out.shape, dtype=torch.float32, pin_memory=True)
             result.copy_(out, non_blocking=True)
             self._stream.synchronize()
         return np.asarray(result.numpy(), dtype=np.float32)
+
+    def _compute(self, x: Any) -> Any:
+        """The model on `x` (on the device, in the side stream): the CUDA graph captured for its shape, else
+        eagerly. A graph's output is overwritten by its next replay: callers copy it before the lock goes."""
+        graph = self._graph_for(x) if self.cuda_graphs else None
+        if graph is None:
+            return self._forward(x)
+        graph.static_in.copy_(x)
+        graph.graph.replay()
+        return graph.static_out
 
     def _stage(self, batch: NDArray[np.float32]) -> Any:
         """The batch in pinned host memory (torch's caching host allocator reuses the block once the
