@@ -53,6 +53,15 @@ def patches(n: int, value: float, size: int = 4) -> NDArray[np.float32]:
     return out
 
 
+def one_tensor_call(fake: FakeRunner, max_batch: int, x: NDArray[np.float32]) -> torch.Tensor:
+    """`x` scored as one tensor call through a device-path scheduler on `fake`."""
+    scheduler = started(Scheduler("m", fake, max_batch, 0.0, device_path=True))
+    try:
+        return scheduler.infer_tensor("job", torch.from_numpy(x))
+    finally:
+        scheduler.stop()
+
+
 def ct_like_volume() -> Volume:
     """A trunk-like CT: air outside, soft tissue body, two aerated lungs and a bony spine, HU, tilted axes."""
     shape = (96, 80, 30)
@@ -109,12 +118,8 @@ def test_device_path_needs_runners_that_take_tensors() -> None:
 
 def test_tensor_patches_come_back_as_tensors_with_the_runner_scores() -> None:
     fake = FakeRunner(3)
-    scheduler = started(Scheduler("m", fake, 4, 0.0, device_path=True))
-    try:
-        x = patches(6, 0.7)
-        out = scheduler.infer_tensor("job", torch.from_numpy(x))
-    finally:
-        scheduler.stop()
+    x = patches(6, 0.7)
+    out = one_tensor_call(fake, 4, x)
     assert isinstance(out, torch.Tensor)
     assert out.dtype == torch.float32
     np.testing.assert_array_equal(out.numpy(), fake.expected(x))
@@ -166,12 +171,8 @@ def test_non_finite_scores_fail_only_that_tensor_job() -> None:
 
 def test_out_of_memory_on_a_tensor_batch_splits_it_and_every_row_comes_back() -> None:
     fake = FakeRunner(2, memory_patches=2)
-    scheduler = started(Scheduler("m", fake, 8, 0.0, device_path=True))
-    try:
-        x = patches(8, 0.6)
-        out = scheduler.infer_tensor("job", torch.from_numpy(x))
-    finally:
-        scheduler.stop()
+    x = patches(8, 0.6)
+    out = one_tensor_call(fake, 8, x)
     np.testing.assert_array_equal(out.numpy(), fake.expected(x))
     assert fake.calls[0] == 8
     assert sum(n for n in fake.calls if n <= 2) == 8  # the rows ran in the batches that fit
